@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), then lint (ruff), type-check (mypy --strict) and run the
+# whole test suite. PostgreSQL must be reachable on 127.0.0.1:5432 (user postgres):
+# the PostgreSQL tests fail, they never skip, when it is not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+echo "== ruff"; ruff check .
+echo "== mypy"; mypy
+echo "== pytest"; pytest -n 2 --dist loadgroup "$@"
