@@ -89,7 +89,7 @@ class CoderConfig:
     hidden_units: int = 128
     epochs: int = 10
     batch_size: int = 128
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     heldout_fraction: float = 0.2
     seed: int = 0
 

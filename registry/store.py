@@ -100,6 +100,8 @@ class ModelStore:
         self.home = home
         self.uri = tracking_uri or default_tracking_uri(home)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        # MLflow prints run links on stdout for HTTP stores, which would break --json.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         from mlflow import MlflowClient
 
         # MLflow sets its loggers up when imported; quiet them after that.

@@ -1,0 +1,162 @@
+"""``passerelle model train|register|export``: the source site's model and its registry."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.table import Table
+
+from passerelle import steps
+from passerelle.cli._common import (
+    Subparsers,
+    add_command,
+    console,
+    emit,
+    home_of,
+    positive_float,
+    positive_int,
+    progress_bar,
+)
+from passerelle.errors import BadInput
+from registry.coder import Architecture, CoderConfig
+from registry.store import ModelStore, PrivacyUnit, VersionRef
+from registry.vocabulary import ALL_SECTIONS, CLINICAL_SECTIONS, VocabularyConfig
+
+
+def add_to(sub: Subparsers) -> None:
+    group = sub.add_parser("model", help="train, register and export models").add_subparsers(
+        dest="model_command", metavar="COMMAND", required=True)
+    _add_train(group)
+    _add_register(group)
+    _add_export(group)
+
+
+def _add_train(group: Subparsers) -> None:
+    p = add_command(
+        group, "train", train, "train the reference PMSI coder on a site's corpus",
+        "Train the reference PMSI coder (stay text -> main CIM-10 diagnosis) and write a\n"
+        "model directory. Held-out stays are chosen by patient. Privacy-conscious vocabulary\n"
+        "defaults: the header is not read, a token needs --min-patients distinct patients,\n"
+        "identifier-shaped tokens are dropped.",
+    )
+    p.add_argument("--data", required=True, type=Path, metavar="DIR", help="training corpus")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new model folder")
+    p.add_argument("--eval", dest="eval_data", action="append", type=Path, default=[],
+                   metavar="DIR", help="also report accuracy on this corpus (repeatable)")
+    p.add_argument("--arch", choices=[a.value for a in Architecture],
+                   default=Architecture.EMBEDDING_MEAN.value,
+                   help="embedding-mean (Keras, default) or logreg (scikit-learn)")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--learning-rate", type=positive_float, default=5e-3)
+    p.add_argument("--embedding-dim", type=positive_int, default=64)
+    p.add_argument("--hidden-units", type=positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-fraction", type=positive_float, default=0.2)
+    v = p.add_argument_group("vocabulary (privacy-conscious defaults)")
+    v.add_argument("--min-patients", type=positive_int, default=5, metavar="K",
+                   help="a token needs K distinct patients to enter (default 5; 1 turns it off)")
+    v.add_argument("--keep-identifiers", action="store_true",
+                   help="keep identifier-shaped tokens (unsafe: for audit tests)")
+    v.add_argument("--include-header", action="store_true",
+                   help="also read the header with the patient's identifiers (unsafe)")
+    v.add_argument("--max-vocab", type=positive_int, default=5000)
+    v.add_argument("--max-len", type=positive_int, default=256)
+
+
+def _add_register(group: Subparsers) -> None:
+    p = add_command(
+        group, "register", register, "register a model directory as a new MLflow model version",
+        "Log a model directory to the site's MLflow store as a new version of NAME, with\n"
+        "provenance as version tags (passerelle.*): purpose, legal basis, data controller,\n"
+        "training site, privacy unit and the dataset fingerprint (a digest of the training\n"
+        "corpus manifest, never the data). Store: $MLFLOW_TRACKING_URI, else SQLite in the home.",
+    )
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    p.add_argument("--name", required=True)
+    p.add_argument("--purpose", required=True, metavar="TEXT")
+    p.add_argument("--legal-basis", required=True, metavar="TEXT")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="the training corpus; refused unless it is the one the model was "
+                   "trained on")
+    p.add_argument("--controller", metavar="TEXT", help="data controller (default: the "
+                   "training site)")
+    p.add_argument("--privacy-unit", choices=[u.value for u in PrivacyUnit],
+                   default=PrivacyUnit.PATIENT.value)
+
+
+def _add_export(group: Subparsers) -> None:
+    p = add_command(
+        group, "export", export, "convert a model version to ONNX and check parity",
+        "Convert a registered version to ONNX (tf2onnx or skl2onnx, opset 17), run\n"
+        "onnx.checker with full checks, check parity with the source framework on held-out\n"
+        "inputs (max |logit diff| <= 1e-4, identical top-1), write model.onnx, vocabulary.json,\n"
+        "labels.json and model_card.json to DIR and log them on the same version.\n"
+        "Exit 1 if parity fails; nothing is written then.",
+    )
+    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+
+
+def train(args: argparse.Namespace) -> int:
+    try:
+        vocab = VocabularyConfig(
+            min_patients=args.min_patients, drop_identifiers=not args.keep_identifiers,
+            max_size=args.max_vocab, max_len=args.max_len,
+            sections=ALL_SECTIONS if args.include_header else CLINICAL_SECTIONS)
+        config = CoderConfig(
+            architecture=Architecture(args.arch), vocabulary=vocab,
+            embedding_dim=args.embedding_dim,
+            hidden_units=args.hidden_units, epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, heldout_fraction=args.heldout_fraction,
+            seed=args.seed)
+    except ValueError as e:
+        raise BadInput(str(e)) from e
+    with progress_bar(args) as progress:
+        report = steps.train_model(args.data, args.out, config, args.eval_data, progress)
+    doc = {"out": str(report.out_dir), "classes": report.classes,
+           "vocabulary_size": report.vocabulary_size, "train_stays": report.train_stays,
+           "train_patients": report.train_patients,
+           "accuracy": [asdict(a) for a in report.accuracy]}
+
+    def human() -> None:
+        table = Table(title=f"PMSI coder ({args.arch}) written to {report.out_dir}")
+        for col in ("site", "split", "stays", "top-1", "top-5", "codes known"):
+            table.add_column(col)
+        for a in report.accuracy:
+            table.add_row(a.site, a.split, str(a.stays), f"{a.top1:.1%}", f"{a.top5:.1%}",
+                          f"{a.label_coverage:.1%}")
+        console.print(table)
+        console.print(f"{report.classes} codes, vocabulary of {report.vocabulary_size} tokens, "
+                      f"{report.train_stays} training stays of {report.train_patients} patients")
+
+    emit(args, doc, human)
+    return 0
+
+
+def register(args: argparse.Namespace) -> int:
+    store = ModelStore(home_of(args))
+    info = steps.register_model(store, args.model_dir, args.name, args.purpose,
+                                args.legal_basis, args.data, args.controller,
+                                PrivacyUnit(args.privacy_unit))
+    doc = {"model": info.ref.name, "version": info.ref.version, "run_id": info.run_id,
+           "tracking_uri": store.display_uri, "tags": dict(info.tags)}
+    emit(args, doc, lambda: console.print(
+        f"registered {info.ref} in {store.display_uri} (run {info.run_id})"))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    ref = VersionRef.parse(args.ref)
+    store = ModelStore(home_of(args))
+    result = steps.export_model(store, ref, args.out)
+    p = result.parity
+    doc = {"model": ref.name, "version": ref.version, "out": str(result.directory),
+           "onnx_digest": result.onnx_digest, "parity": asdict(p)}
+    emit(args, doc, lambda: console.print(
+        f"exported {ref} to {result.directory}: parity on {p.inputs} held-out inputs, "
+        f"max |logit diff| {p.max_abs_diff:.2e} (limit {p.tolerance:g}), top-1 agreement "
+        f"{p.top1_agreement:.0%}; {result.onnx_digest}"))
+    return 0

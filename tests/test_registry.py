@@ -1,0 +1,86 @@
+"""Registration in a real MLflow store (SQLite here; PostgreSQL in test_postgres.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from passerelle import steps
+from passerelle.cli import main
+from passerelle.errors import BadInput, ModelDirError, ModelNotFound
+from registry.store import TAG, ModelStore, VersionRef
+
+pytestmark = pytest.mark.slow
+
+
+def _register(store: ModelStore, model: Path, data: Path | None = None) -> str:
+    info = steps.register_model(store, model, "pmsi-coder", "PMSI coding assistance",
+                                "GDPR 6(1)(e)", data, "CHU X")
+    return info.ref.version
+
+
+def test_register_records_provenance_as_version_tags(
+    home: Path, keras_model: steps.TrainReport, corpus_x: Path
+) -> None:
+    store = ModelStore(home)
+    assert store.uri == f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    assert _register(store, keras_model.out_dir, corpus_x) == "1"
+    assert _register(store, keras_model.out_dir) == "2"
+    tags = store.get(VersionRef("pmsi-coder", "1")).tags
+    from passerelle.corpus import manifest_digest
+
+    assert tags[TAG + "dataset_fingerprint"] == manifest_digest(corpus_x)
+    assert tags[TAG + "purpose"] == "PMSI coding assistance"
+    assert tags[TAG + "legal_basis"] == "GDPR 6(1)(e)"
+    assert tags[TAG + "data_controller"] == "CHU X"
+    assert tags[TAG + "training_site"] == "X"
+    assert tags[TAG + "privacy_unit"] == "patient"
+    assert tags[TAG + "model_dir_digest"].startswith("sha256:")
+    assert (home / "mlartifacts").is_dir()
+    assert store.versions("pmsi-coder") == ["1", "2"]
+
+
+def test_register_with_the_wrong_corpus_is_refused_and_registers_nothing(
+    home: Path, keras_model: steps.TrainReport, corpus_y: Path
+) -> None:
+    store = ModelStore(home)
+    with pytest.raises(BadInput, match="was not trained on"):
+        _register(store, keras_model.out_dir, corpus_y)
+    assert store.versions("pmsi-coder") == []
+
+
+def test_corrupt_model_dir_registers_nothing(
+    home: Path, keras_model: steps.TrainReport, tmp_path: Path
+) -> None:
+    copy = tmp_path / "m"
+    shutil.copytree(keras_model.out_dir, copy)
+    (copy / "model.keras").write_bytes(b"not a model")
+    store = ModelStore(home)
+    with pytest.raises(ModelDirError):
+        _register(store, copy)
+    assert store.versions("pmsi-coder") == []
+    assert store.client.search_runs([store._experiment()]) == []
+
+
+def test_unknown_model_or_version_is_reported(home: Path) -> None:
+    store = ModelStore(home)
+    with pytest.raises(ModelNotFound, match="no registered model version nope/1"):
+        store.get(VersionRef("nope", "1"))
+    with pytest.raises(BadInput, match="is not NAME/VERSION"):
+        VersionRef.parse("no-version")
+
+
+def test_unreachable_tracking_server_is_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, keras_model: steps.TrainReport, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    code = main(["model", "register", str(keras_model.out_dir), "--name", "c", "--purpose",
+                 "p", "--legal-basis", "b", "--home", str(tmp_path / "h")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: model registry at http://127.0.0.1:9")
