@@ -117,14 +117,24 @@ def register_model(
 
 
 def export_model(store: ModelStore, ref: VersionRef, out: Path) -> OnnxExport:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"{out}: exists and is not an empty directory")
+    make_parent(out)
     return export_version(store, ref, out)
 
 
 def _check_new_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not an empty directory")
-    if not out.resolve().parent.is_dir():
-        raise BadInput(f"{out.resolve().parent}: no such directory")
+    make_parent(out)
+
+
+def make_parent(out: Path) -> None:
+    """Create the parent folders of an output path (BadInput if that is impossible)."""
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{out}: cannot create its parent folder: {e.strerror}") from e
 
 
 @contextmanager

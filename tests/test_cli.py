@@ -45,11 +45,20 @@ def test_usage_error_is_one_line_and_exit_2() -> None:
                               "--out", "x"), 2, "invalid choice")
 
 
-def test_data_generate_missing_parent_is_bad_input(tmp_path: Path) -> None:
+def test_data_generate_under_a_file_is_bad_input_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
     proc = run("data", "generate", "--site", "X", "--stays", "5", "--seed", "1",
-               "--out", str(tmp_path / "no" / "such" / "dir"))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
-    assert not (tmp_path / "no").exists()
+               "--out", str(tmp_path / "a-file" / "corpus"))
+    assert_one_line_error(proc, 2, "a-file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_data_generate_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep").write_text("mine")
+    proc = run("data", "generate", "--site", "Y", "--stays", "5", "--seed", "1",
+               "--out", str(tmp_path))
+    assert_one_line_error(proc, 2, "not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
 
 def test_train_on_a_missing_corpus_is_bad_input(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from passerelle import steps
-from passerelle.errors import BadInput, ModelNotFound, ParityError
+from passerelle.errors import BadInput, ModelDirError, ModelNotFound, ParityError
 from registry.coder import load_source_model
 from registry.export import PARITY_TOLERANCE, check_parity
 from registry.model_dir import Framework, file_digests, open_model_dir, write_metadata
@@ -152,3 +152,15 @@ def test_export_of_an_unknown_version_is_bad_input(home: Path, tmp_path: Path) -
     with pytest.raises(ModelNotFound):
         steps.export_model(ModelStore(home), VersionRef("coder", "9"), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_export_refuses_a_model_changed_in_the_store_after_registration(
+    keras_model: steps.TrainReport, home: Path, tmp_path: Path
+) -> None:
+    store, ref = _registered(home, keras_model.out_dir)
+    stored = next((home / "mlartifacts").rglob("model/labels.json"))
+    stored.write_text(stored.read_text().replace('"codes"', '"codes" ', 1))
+    with pytest.raises(ModelDirError, match=r"labels\.json does not match its digest"):
+        steps.export_model(store, ref, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+    assert TAG + "onnx_digest" not in store.get(ref).tags

@@ -83,7 +83,6 @@ def demo(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     out = work / "export" / f"{MODEL_NAME}-v{info.ref.version}"
-    out.parent.mkdir()
     export = steps.export_model(store, info.ref, out)
     timings["export"] = time.perf_counter() - t
     p = export.parity
