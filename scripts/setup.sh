@@ -14,7 +14,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 stamp=.venv/.passerelle-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24" "setuptools>=69" wheel
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24" "setuptools>=77" wheel
   .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from passerelle import steps
+from passerelle.cli import main
 from passerelle.errors import BadInput, ModelDirError, ModelNotFound, ParityError
 from registry.coder import load_source_model
 from registry.export import PARITY_TOLERANCE, check_parity
@@ -112,7 +113,8 @@ def _amplified_copy(src: Path, dst: Path, factor: float) -> Path:
 
 
 def test_export_that_fails_parity_is_refused_and_leaves_nothing(
-    keras_model: steps.TrainReport, home: Path, tmp_path: Path
+    keras_model: steps.TrainReport, home: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     model = _amplified_copy(keras_model.out_dir, tmp_path / "amplified", 1e6)
     store, ref = _registered(home, model)
@@ -120,6 +122,11 @@ def test_export_that_fails_parity_is_refused_and_leaves_nothing(
     out = tmp_path / "export"
     with pytest.raises(ParityError, match="parity failed"):
         steps.export_model(store, ref, out)
+    # Through the command line: exit 1 (refused) and one line.
+    code = main(["model", "export", str(ref), "--out", str(out), "--home", str(home)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: coder/1: ONNX parity failed"), err
     assert not out.exists()
     assert not list(tmp_path.glob(".passerelle-export-*"))
     after = store.get(ref)
