@@ -160,10 +160,10 @@ def select_text(sections: Mapping[str, str], wanted: Iterable[str]) -> str:
     return "\n".join(sections.get(name, "") for name in ALL_SECTIONS if name in set(wanted))
 
 
-def build_vocabulary(
-    texts: Sequence[str], patient_ids: Sequence[str], config: VocabularyConfig
-) -> Vocabulary:
-    """Build the vocabulary from training texts, counting distinct patients per token."""
+def count_tokens(
+    texts: Sequence[str], patient_ids: Sequence[str]
+) -> tuple[Counter[str], dict[str, int]]:
+    """Occurrences of each token, and the number of distinct patients it appears for."""
     if len(texts) != len(patient_ids):
         raise ValueError("texts and patient_ids differ in length")
     patients_of: dict[str, set[str]] = {}
@@ -173,10 +173,18 @@ def build_vocabulary(
         counts.update(toks)
         for tok in set(toks):
             patients_of.setdefault(tok, set()).add(patient)
+    return counts, {tok: len(p) for tok, p in patients_of.items()}
+
+
+def build_vocabulary(
+    texts: Sequence[str], patient_ids: Sequence[str], config: VocabularyConfig
+) -> Vocabulary:
+    """Build the vocabulary from training texts, counting distinct patients per token."""
+    counts, patients = count_tokens(texts, patient_ids)
     dropped_rare = dropped_ident = 0
     kept: list[str] = []
     for tok, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        if len(patients_of[tok]) < config.min_patients:
+        if patients[tok] < config.min_patients:
             dropped_rare += 1
         elif config.drop_identifiers and identifier_kind_of_token(tok) is not None:
             dropped_ident += 1

@@ -1,0 +1,76 @@
+"""The scan of what ships beside the weights: clean for the default coder, loud for a
+leaky one, and it looks into the model card and the ONNX file too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from passerelle import steps
+from passerelle.corpus import read_corpus
+from registry.audit.scan import FindingKind, scan_export_dir
+from registry.store import ModelStore
+from registry.vocabulary import ALL_SECTIONS, CLINICAL_SECTIONS, count_tokens, select_text
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+
+def _export(home: Path, model: Path, out: Path) -> Path:
+    store = ModelStore(home)
+    info = steps.register_model(store, model, "coder", "PMSI coding", "GDPR 6(1)(e)")
+    steps.export_model(store, info.ref, out)
+    return out
+
+
+def _patients_per_token(corpus_dir: Path, sections: tuple[str, ...]) -> dict[str, int]:
+    corpus = read_corpus(corpus_dir)
+    texts = [select_text(s.sections.as_dict(), sections) for s in corpus.stays]
+    return count_tokens(texts, [s.patient_id for s in corpus.stays])[1]
+
+
+def test_default_coder_ships_no_identifier_and_no_rare_token(
+    keras_model: steps.TrainReport, corpus_x: Path, home: Path, tmp_path: Path
+) -> None:
+    out = _export(home, keras_model.out_dir, tmp_path / "e")
+    report = scan_export_dir(out, _patients_per_token(corpus_x, CLINICAL_SECTIONS), 5)
+    assert report.findings == (), report.counts()
+    assert report.scanned["vocabulary.json"] > 100 and report.scanned["model.onnx"] > 10
+
+
+def test_leaky_coder_is_caught_with_the_identifiers_in_its_vocabulary(
+    corpus_x: Path, home: Path, tmp_path: Path
+) -> None:
+    leaky = small_config(min_patients=1, drop_identifiers=False, sections=ALL_SECTIONS)
+    steps.train_model(corpus_x, tmp_path / "leaky", leaky)
+    out = _export(home, tmp_path / "leaky", tmp_path / "e")
+    report = scan_export_dir(out, _patients_per_token(corpus_x, ALL_SECTIONS), 5)
+    counts = report.counts()
+    # Site X writes the NIR spaced ("2 57 03 ..."), so its pieces are short tokens; the
+    # IPP (10 digits), birth years and names come through whole.
+    for kind in (FindingKind.IPP, FindingKind.PERSON_NAME, FindingKind.DATE,
+                 FindingKind.RARE_TOKEN):
+        assert counts.get(kind.value, 0) > 0, counts
+    assert all(f.file == "vocabulary.json" for f in report.findings)
+    # the report shows where and what kind, never the identifier itself
+    ipps = [f for f in report.findings if f.kind is FindingKind.IPP]
+    assert all("chars" in f.redacted and len(f.redacted) < 16 for f in ipps)
+
+
+def test_identifiers_in_the_card_or_the_onnx_metadata_are_found(
+    keras_model: steps.TrainReport, home: Path, tmp_path: Path
+) -> None:
+    out = _export(home, keras_model.out_dir, tmp_path / "e")
+    card = json.loads((out / "model_card.json").read_text())
+    card["contact"] = "jean.dupont@chu-montaigu.fr, 02 41 35 27 18"
+    (out / "model_card.json").write_text(json.dumps(card))
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.helper.set_model_props(model, {"trained_on": "patient 1 84 12 76 451 089 46"})
+    onnx.save(model, str(out / "model.onnx"))
+    found = {(f.file, f.kind) for f in scan_export_dir(out).findings}
+    assert ("model_card.json", FindingKind.EMAIL) in found
+    assert ("model_card.json", FindingKind.PHONE) in found
+    assert ("model.onnx", FindingKind.NIR) in found
