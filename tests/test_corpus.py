@@ -386,7 +386,7 @@ def test_canaries_are_planted_with_consistent_metadata() -> None:
     secrets = set()
     for c in corpus.canaries:
         assert c.template == CANARY_TEMPLATE and "{secret}" in c.template
-        symbols = c.secret.split(c.separator)
+        symbols = c.secret.split(c.separator) if c.separator else list(c.secret)
         assert len(symbols) == c.length == 9 and all(x in c.alphabet for x in symbols)
         assert len(c.stay_ids) == 3
         for sid in c.stay_ids:

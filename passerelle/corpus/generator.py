@@ -32,11 +32,11 @@ from registry.identifiers import is_valid_nir, name_lists, nir_key
 
 GENERATOR_VERSION = "1.0.0"
 
-#: Canary sentence; ``{secret}`` is replaced by CANARY_LENGTH digits joined by spaces.
+#: Canary sentence; ``{secret}`` is replaced by CANARY_LENGTH digits written as one code.
 CANARY_TEMPLATE = "Code d'accès du dossier : {secret}"
 CANARY_ALPHABET = "0123456789"
 CANARY_LENGTH = 9
-CANARY_SEPARATOR = " "
+CANARY_SEPARATOR = ""
 
 #: Probability of 1, 2, ... 6 stays for a (non-canary) patient.
 STAYS_PER_PATIENT_WEIGHTS: tuple[float, ...] = (0.55, 0.24, 0.11, 0.05, 0.03, 0.02)

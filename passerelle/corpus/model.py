@@ -107,7 +107,7 @@ class Canary:
     secret: str
     alphabet: str
     length: int
-    separator: str = " "
+    separator: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to ``canaries.jsonl``."""
