@@ -55,3 +55,7 @@ class ConversionError(BadInput):
 
 class ParityError(Refused):
     """The ONNX model does not reproduce the source framework's outputs."""
+
+
+class GateRefused(Refused):
+    """The export gate refused: no PASS audit verdict for these ONNX bytes, no override."""

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from passerelle.corpus import (
@@ -23,6 +23,8 @@ from passerelle.corpus import (
     write_corpus,
 )
 from passerelle.errors import BadInput
+from registry.audit.policy import Policy
+from registry.audit.runner import AuditResult, audit_version, log_audit
 from registry.coder import (
     Accuracy,
     CoderConfig,
@@ -32,7 +34,7 @@ from registry.coder import (
     save_coder,
     train_coder,
 )
-from registry.export import OnnxExport, export_version
+from registry.export import OnnxExport, Override, export_version
 from registry.model_dir import open_model_dir
 from registry.store import ModelStore, PrivacyUnit, Provenance, VersionInfo, VersionRef
 
@@ -116,11 +118,30 @@ def register_model(
     return store.register(model_dir, name, provenance)
 
 
-def export_model(store: ModelStore, ref: VersionRef, out: Path) -> OnnxExport:
+def export_model(store: ModelStore, ref: VersionRef, out: Path,
+                 override: Override | None = None) -> OnnxExport:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not an empty directory")
     make_parent(out)
-    return export_version(store, ref, out)
+    return export_version(store, ref, out, override)
+
+
+def audit_model(
+    store: ModelStore, ref: VersionRef, members: Path, nonmembers: Path, policy: Policy,
+    out: Path, progress: Progress | None = None, seed: int = 0,
+) -> AuditResult:
+    """Run the audit in a private workspace, log it on the version, keep the report in
+    ``out``. Bad input is found before anything is logged."""
+    _check_new_dir(out)
+    with _new_dir(out) as tmp:
+        result = audit_version(store, ref, members, nonmembers, policy, tmp / "work",
+                               progress, seed)
+        report = tmp / "work" / "audit"
+        log_audit(store, result)
+        for item in report.iterdir():
+            item.rename(tmp / item.name)
+        shutil.rmtree(tmp / "work")
+    return replace(result, report_dir=out)
 
 
 def _check_new_dir(out: Path) -> None:

@@ -105,6 +105,15 @@ class CoderConfig:
         doc["vocabulary"]["sections"] = list(self.vocabulary.sections)
         return doc
 
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> CoderConfig:
+        """The inverse of :meth:`to_json` (ValueError/KeyError/TypeError if malformed)."""
+        fields = dict(doc)
+        vocab = dict(fields.pop("vocabulary"))
+        vocab["sections"] = tuple(vocab["sections"])
+        return cls(architecture=Architecture(fields.pop("architecture")),
+                   vocabulary=VocabularyConfig(**vocab), **fields)
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -151,7 +160,15 @@ def train_coder(
 ) -> TrainedCoder:
     """Build the vocabulary on training patients only, then train the chosen model."""
     train_idx, held_idx = split_by_patient(examples, config.heldout_fraction, config.seed)
-    train = examples.subset(train_idx)
+    return fit_coder(examples.subset(train_idx), config, progress,
+                     heldout=examples.subset(held_idx))
+
+
+def fit_coder(
+    train: Examples, config: CoderConfig, progress: Progress | None = None,
+    heldout: Examples | None = None,
+) -> TrainedCoder:
+    """Build the vocabulary on ``train`` and fit the chosen model on all of it."""
     vocab = build_vocabulary(train.texts(config.vocabulary), train.patient_ids, config.vocabulary)
     codes = tuple(sorted(set(train.codes)))
     index = {c: i for i, c in enumerate(codes)}
@@ -166,7 +183,7 @@ def train_coder(
         vocabulary=vocab,
         codes=codes,
         model=model,
-        heldout=examples.subset(held_idx),
+        heldout=heldout if heldout is not None else train.subset([]),
         train_size=len(train),
         train_patients=len(set(train.patient_ids)),
     )

@@ -34,7 +34,7 @@ import onnx
 from adapters.onnx_export import OPSET, keras_to_onnx, sklearn_to_onnx
 from passerelle import __version__
 from passerelle.digests import sha256_file
-from passerelle.errors import BadInput, ConversionError, ModelDirError, ParityError
+from passerelle.errors import BadInput, ConversionError, GateRefused, ModelDirError, ParityError
 from registry.coder import Architecture, bag_of_words, load_source_model, source_logits
 from registry.model_dir import (
     LABELS,
@@ -105,7 +105,7 @@ def run_onnx(model_bytes: bytes, inputs: npt.NDArray[Any]) -> npt.NDArray[np.flo
 def convert_version(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
     """Steps 1-5 above, in ``workdir``; returns the logged export."""
     info = store.get(ref)
-    model_dir = _fetch_model_dir(store, info, workdir / "source")
+    model_dir = fetch_model_dir(store, info, workdir / "source")
     architecture = Architecture(model_dir.metadata.architecture)
     vocab = Vocabulary.load(model_dir.path / VOCABULARY)
     labels = read_labels(model_dir)
@@ -150,15 +150,76 @@ def convert_version(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxEx
     return OnnxExport(ref=ref, directory=ship, onnx_digest=onnx_digest, parity=parity, card=card)
 
 
-def export_version(store: ModelStore, ref: VersionRef, out_dir: Path) -> OnnxExport:
-    """Convert, check, log, then move the shippable directory to ``out_dir`` atomically."""
+@dataclass(frozen=True)
+class Override:
+    """An export without a PASS verdict, on a named person's recorded responsibility."""
+
+    approver: str
+    justification: str
+
+    def __post_init__(self) -> None:
+        for name in ("approver", "justification"):
+            value = getattr(self, name)
+            if not value.strip() or "\n" in value or len(value) > 2000:
+                raise BadInput(f"override {name} must be one non-empty line")
+
+
+def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
+    """The version's logged ONNX directory (digest re-checked), converting it first if needed."""
+    info = store.get(ref)
+    logged = info.tags.get(TAG + "onnx_digest")
+    if logged is None:
+        return convert_version(store, ref, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    directory = store.download(info, "onnx", workdir)
+    missing = [n for n in SHIPPED_FILES if not (directory / n).is_file()]
+    if missing or sha256_file(directory / ONNX_FILE) != logged:
+        raise ModelDirError(f"{ref}: the logged ONNX export is incomplete or does not match "
+                            f"its recorded digest")
+    try:
+        card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
+        parity = Parity(**card["parity"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelDirError(f"{ref}: the logged model card is unreadable: {e}") from e
+    return OnnxExport(ref=ref, directory=directory, onnx_digest=logged, parity=parity,
+                      card=card)
+
+
+def check_gate(store: ModelStore, export: OnnxExport, override: Override | None) -> str:
+    """PASS verdict for these exact ONNX bytes, or a recorded override; else Refused."""
+    info = store.get(export.ref)
+    verdict = info.tags.get(TAG + "audit.verdict")
+    audited = info.tags.get(TAG + "audit.onnx_digest")
+    if verdict == "PASS" and audited == export.onnx_digest:
+        return "audit PASS"
+    if override is None:
+        why = ("no audit" if verdict is None else
+               f"audit verdict {verdict}" if audited == export.onnx_digest else
+               "its audit speaks of other ONNX bytes")
+        raise GateRefused(f"{export.ref} may not be exported: {why}; run 'passerelle model "
+                          "audit' or give --override --approver NAME --justification TEXT")
+    store.set_tags(info, {
+        TAG + "export.override.approver": override.approver,
+        TAG + "export.override.justification": override.justification,
+        TAG + "export.override.time": datetime.now(UTC).isoformat(timespec="seconds"),
+        TAG + "export.override.onnx_digest": export.onnx_digest,
+        TAG + "export.override.verdict": verdict or "none",
+    })
+    return f"override by {override.approver}"
+
+
+def export_version(store: ModelStore, ref: VersionRef, out_dir: Path,
+                   override: Override | None = None) -> OnnxExport:
+    """Convert (or reuse the logged conversion), pass the gate, then move the shippable
+    directory to ``out_dir`` atomically."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BadInput(f"{out_dir}: exists and is not an empty directory")
     parent = out_dir.resolve().parent
     if not parent.is_dir():
         raise BadInput(f"{parent}: no such directory")
     with _workspace(parent) as work:
-        export = convert_version(store, ref, work)
+        export = shippable(store, ref, work / "onnx")
+        check_gate(store, export, override)
         if out_dir.exists():
             out_dir.rmdir()
         export.directory.rename(out_dir)
@@ -176,7 +237,7 @@ def _workspace(parent: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fetch_model_dir(store: ModelStore, info: VersionInfo, dst: Path) -> ModelDir:
+def fetch_model_dir(store: ModelStore, info: VersionInfo, dst: Path) -> ModelDir:
     dst.mkdir(parents=True)
     path = store.download(info, "model", dst)
     model_dir = open_model_dir(path)

@@ -26,9 +26,14 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from passerelle import steps
 from registry.coder import Architecture, CoderConfig
+from registry.export import Override
 from registry.vocabulary import VocabularyConfig
 
 PG_DSN = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+# Tests that are about conversion, not about the gate, export on a recorded override.
+TEST_OVERRIDE = Override("Test Suite", "conversion test without an audit")
+OVERRIDE_ARGS = ["--override", "--approver", "Test Suite", "--justification",
+                 "conversion test without an audit"]
 SMALL_X, SMALL_Y = 1500, 500
 
 _postgres_tests_run = 0

@@ -14,7 +14,7 @@ from passerelle.corpus import read_corpus
 from registry.audit.scan import FindingKind, scan_export_dir
 from registry.store import ModelStore
 from registry.vocabulary import ALL_SECTIONS, CLINICAL_SECTIONS, count_tokens, select_text
-from tests.conftest import small_config
+from tests.conftest import TEST_OVERRIDE, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def _export(home: Path, model: Path, out: Path) -> Path:
     store = ModelStore(home)
     info = steps.register_model(store, model, "coder", "PMSI coding", "GDPR 6(1)(e)")
-    steps.export_model(store, info.ref, out)
+    steps.export_model(store, info.ref, out, TEST_OVERRIDE)
     return out
 
 

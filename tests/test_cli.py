@@ -13,6 +13,7 @@ import pytest
 
 from passerelle import steps
 from passerelle.cli import main
+from tests.conftest import OVERRIDE_ARGS
 
 
 def run(*argv: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -115,7 +116,7 @@ def test_the_source_side_story_through_the_cli(
     assert reg["tags"]["passerelle.training_site"] == "X"
 
     assert main(["model", "export", "coder/1", "--out", str(tmp_path / "e"), "--home",
-                 str(home), "--json"]) == 0
+                 str(home), "--json", *OVERRIDE_ARGS]) == 0
     exp = json.loads(capsys.readouterr().out)
     assert exp["parity"]["top1_agreement"] == 1.0
     assert (tmp_path / "e" / "model.onnx").is_file()

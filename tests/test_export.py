@@ -19,6 +19,7 @@ from registry.coder import load_source_model
 from registry.export import PARITY_TOLERANCE, check_parity
 from registry.model_dir import Framework, file_digests, open_model_dir, write_metadata
 from registry.store import TAG, ModelStore, VersionRef
+from tests.conftest import OVERRIDE_ARGS, TEST_OVERRIDE
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def test_export_passes_checker_and_parity_and_is_logged(
     report: steps.TrainReport = request.getfixturevalue(which)
     store, ref = _registered(home, report.out_dir)
     out = tmp_path / "export"
-    result = steps.export_model(store, ref, out)
+    result = steps.export_model(store, ref, out, TEST_OVERRIDE)
 
     assert sorted(p.name for p in out.iterdir()) == [
         "labels.json", "model.onnx", "model_card.json", "vocabulary.json"]
@@ -88,7 +89,7 @@ def test_export_passes_checker_and_parity_and_is_logged(
 def test_export_never_ships_held_out_inputs(keras_model: steps.TrainReport, home: Path,
                                             tmp_path: Path) -> None:
     store, ref = _registered(home, keras_model.out_dir)
-    steps.export_model(store, ref, tmp_path / "e")
+    steps.export_model(store, ref, tmp_path / "e", TEST_OVERRIDE)
     assert not (tmp_path / "e" / "parity_inputs.npy").exists()
     card = (tmp_path / "e" / "model_card.json").read_text()
     assert "parity_inputs" not in card
@@ -121,9 +122,10 @@ def test_export_that_fails_parity_is_refused_and_leaves_nothing(
     before = store.get(ref)
     out = tmp_path / "export"
     with pytest.raises(ParityError, match="parity failed"):
-        steps.export_model(store, ref, out)
+        steps.export_model(store, ref, out, TEST_OVERRIDE)
     # Through the command line: exit 1 (refused) and one line.
-    code = main(["model", "export", str(ref), "--out", str(out), "--home", str(home)])
+    code = main(["model", "export", str(ref), "--out", str(out), "--home", str(home),
+                 *OVERRIDE_ARGS])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: coder/1: ONNX parity failed"), err
@@ -150,14 +152,15 @@ def test_export_refuses_a_non_empty_destination(keras_model: steps.TrainReport, 
     out.mkdir()
     (out / "x").write_text("keep")
     with pytest.raises(BadInput, match="not an empty directory"):
-        steps.export_model(store, ref, out)
+        steps.export_model(store, ref, out, TEST_OVERRIDE)
     assert [p.name for p in out.iterdir()] == ["x"]
     assert TAG + "onnx_digest" not in store.get(ref).tags
 
 
 def test_export_of_an_unknown_version_is_bad_input(home: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
-        steps.export_model(ModelStore(home), VersionRef("coder", "9"), tmp_path / "o")
+        steps.export_model(ModelStore(home), VersionRef("coder", "9"), tmp_path / "o",
+                           TEST_OVERRIDE)
     assert not (tmp_path / "o").exists()
 
 
@@ -168,6 +171,6 @@ def test_export_refuses_a_model_changed_in_the_store_after_registration(
     stored = next((home / "mlartifacts").rglob("model/labels.json"))
     stored.write_text(stored.read_text().replace('"codes"', '"codes" ', 1))
     with pytest.raises(ModelDirError, match=r"labels\.json does not match its digest"):
-        steps.export_model(store, ref, tmp_path / "e")
+        steps.export_model(store, ref, tmp_path / "e", TEST_OVERRIDE)
     assert not (tmp_path / "e").exists()
     assert TAG + "onnx_digest" not in store.get(ref).tags

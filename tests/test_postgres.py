@@ -11,6 +11,7 @@ import sqlalchemy
 
 from passerelle import steps
 from passerelle.cli import main
+from tests.conftest import OVERRIDE_ARGS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -27,7 +28,7 @@ def test_register_and_export_through_an_mlflow_server_on_postgres(
     reg = json.loads(capsys.readouterr().out)
     assert reg["tracking_uri"] == mlflow_server
     assert main(["model", "export", f"pg-coder/{reg['version']}", "--out",
-                 str(tmp_path / "e"), "--home", str(home), "--json"]) == 0
+                 str(tmp_path / "e"), "--home", str(home), "--json", *OVERRIDE_ARGS]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert not (home / "mlflow.db").exists(), "the SQLite default must not be used"
 

@@ -20,10 +20,13 @@ from passerelle.cli._common import (
     progress_bar,
 )
 from passerelle.errors import BadInput
+from registry.audit.policy import load_policy
+from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig
 from registry.store import ModelStore
 
 MODEL_NAME = "pmsi-coder"
+CANARIES = 10
 PURPOSE = "PMSI coding assistance: suggest the main CIM-10 diagnosis of a stay"
 LEGAL_BASIS = ("GDPR art. 6(1)(e) public interest task; art. 9(2)(h) health care "
                "management (synthetic data in this demo)")
@@ -34,7 +37,8 @@ def add_to(sub: Subparsers) -> None:
         sub, "demo", demo, "run the whole story on one machine with two simulated sites",
         "Generate site X's and site Y's synthetic corpora, train the reference PMSI coder at X\n"
         "(accuracy on X's held-out patients and on Y), register it in X's MLflow registry\n"
-        "(SQLite under WORKDIR/site-x) and export it to ONNX with a parity check.\n"
+        "(SQLite under WORKDIR/site-x), audit it for memorised patient data (membership\n"
+        "inference, canaries, identifier scan) and export it to ONNX through the gate.\n"
         "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).",
     )
     p.add_argument("--workdir", type=Path, metavar="DIR")
@@ -57,11 +61,11 @@ def demo(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     data_x, data_y = work / "data" / "site-x", work / "data" / "site-y"
-    steps.generate_corpus("X", args.stays_x, args.seed, 0, data_x)
+    steps.generate_corpus("X", args.stays_x, args.seed, CANARIES, data_x)
     steps.generate_corpus("Y", args.stays_y, args.seed + 1, 0, data_y)
     timings["generate"] = time.perf_counter() - t
-    say(f"[1/4] generated {args.stays_x} stays at site X and {args.stays_y} at site Y "
-        f"in {work / 'data'}")
+    say(f"[1/5] generated {args.stays_x} stays at site X (+{CANARIES} canary patients) and "
+        f"{args.stays_y} at site Y in {work / 'data'}")
 
     t = time.perf_counter()
     with progress_bar(args) as progress:
@@ -69,7 +73,7 @@ def demo(args: argparse.Namespace) -> int:
                                    CoderConfig(epochs=args.epochs, seed=args.seed), [data_y],
                                    progress)
     timings["train"] = time.perf_counter() - t
-    say(f"[2/4] trained the PMSI coder at site X ({report.classes} codes, vocabulary "
+    say(f"[2/5] trained the PMSI coder at site X ({report.classes} codes, vocabulary "
         f"{report.vocabulary_size} tokens)")
     if not args.json:
         _print_accuracy(report)
@@ -79,14 +83,25 @@ def demo(args: argparse.Namespace) -> int:
     info = steps.register_model(store, report.out_dir, MODEL_NAME, PURPOSE, LEGAL_BASIS,
                                 data_x, "CHU de site X (demo)")
     timings["register"] = time.perf_counter() - t
-    say(f"[3/4] registered {info.ref} in site X's registry {store.display_uri}")
+    say(f"[3/5] registered {info.ref} in site X's registry {store.display_uri}")
+
+    t = time.perf_counter()
+    with progress_bar(args) as progress:
+        audit = steps.audit_model(store, info.ref, data_x, data_x, load_policy(),
+                                  work / "audit", progress, args.seed)
+    timings["audit"] = time.perf_counter() - t
+    say(f"[4/5] audited {info.ref}: verdict {audit.verdict} under policy "
+        f"{audit.policy_name} ({audit.members} member / {audit.nonmembers} non-member "
+        f"patients, {audit.reference_models} reference models); report in {audit.report_dir}")
+    if not args.json:
+        _print_audit(audit)
 
     t = time.perf_counter()
     out = work / "export" / f"{MODEL_NAME}-v{info.ref.version}"
     export = steps.export_model(store, info.ref, out)
     timings["export"] = time.perf_counter() - t
     p = export.parity
-    say(f"[4/4] exported {info.ref} to ONNX in {export.directory}: parity on {p.inputs} "
+    say(f"[5/5] exported {info.ref} to ONNX in {export.directory}: parity on {p.inputs} "
         f"held-out inputs, max |logit diff| {p.max_abs_diff:.2e} (limit {p.tolerance:g}), "
         f"top-1 agreement {p.top1_agreement:.0%}")
 
@@ -100,12 +115,31 @@ def demo(args: argparse.Namespace) -> int:
         "onnx_digest": export.onnx_digest,
         "accuracy": [a.__dict__ for a in report.accuracy],
         "parity": p.__dict__,
+        "audit": {"verdict": audit.verdict, "report": str(audit.report_dir),
+                  "failed": [c.name for c in audit.failed]},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (work / "demo-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     emit(args, summary, lambda: console.print(
         f"done in {sum(timings.values()):.0f} s; summary in {work / 'demo-summary.json'}"))
     return 0
+
+
+def _print_audit(audit: AuditResult) -> None:
+    table = Table(title="Memorisation audit (patient level; epsilon bounds at 95 %)")
+    for col in ("attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound",
+                "ε max detectable"):
+        table.add_column(col)
+    for name, m in audit.attacks.items():
+        table.add_row(name, f"{m.auc:.3f}", f"{m.tpr_at_fpr[0.001]:.3f}",
+                      f"{m.tpr_at_fpr[0.01]:.3f}", f"{m.epsilon.epsilon_lower:.3f}",
+                      f"{m.epsilon.epsilon_max_detectable:.3f}")
+    console.print(table)
+    worst = max((e.exposure_bits for e in audit.canaries), default=0.0)
+    console.print(f"canaries: {len(audit.canaries)} in training, worst exposure {worst:.2f} "
+                  f"bits; identifier scan: {audit.scan.counts() or 'no findings'}")
+    for c in audit.failed:
+        console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")
 
 
 def _print_accuracy(report: steps.TrainReport) -> None:

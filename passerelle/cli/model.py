@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 
 from rich.table import Table
@@ -20,7 +21,10 @@ from passerelle.cli._common import (
     progress_bar,
 )
 from passerelle.errors import BadInput
+from registry.audit.policy import load_policy
+from registry.audit.runner import report_json
 from registry.coder import Architecture, CoderConfig
+from registry.export import Override
 from registry.store import ModelStore, PrivacyUnit, VersionRef
 from registry.vocabulary import ALL_SECTIONS, CLINICAL_SECTIONS, VocabularyConfig
 
@@ -30,6 +34,7 @@ def add_to(sub: Subparsers) -> None:
         dest="model_command", metavar="COMMAND", required=True)
     _add_train(group)
     _add_register(group)
+    _add_audit(group)
     _add_export(group)
 
 
@@ -87,6 +92,31 @@ def _add_register(group: Subparsers) -> None:
                    default=PrivacyUnit.PATIENT.value)
 
 
+def _add_audit(group: Subparsers) -> None:
+    p = add_command(
+        group, "audit", audit, "memorisation audit of a version before export",
+        "Audit the ONNX form of a version (converted and logged first if needed):\n"
+        "membership inference (loss threshold, LiRA online/offline, RMIA offline) with\n"
+        "reference models trained by the model's own recipe, canary exposure, and a scan of\n"
+        "everything shipped beside the weights for identifiers. The verdict (PASS/FAIL)\n"
+        "under the policy, the metrics, the ROC plot and the policy digest are logged on\n"
+        "the version. Exit 0 on PASS, 1 on FAIL.\n"
+        "--members is the training corpus; --nonmembers is another corpus of the same site,\n"
+        "or the training corpus again, whose held-out patients are then the non-members.",
+    )
+    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("--members", required=True, type=Path, metavar="DIR")
+    p.add_argument("--nonmembers", required=True, type=Path, metavar="DIR")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="policy TOML (default: the packaged passerelle-default)")
+    p.add_argument("--reference-models", type=positive_int, metavar="N",
+                   help="override the policy's number of reference models")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the JSON report and ROC plot go (default: "
+                   "HOME/audits/NAME-vVERSION-<time>)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_export(group: Subparsers) -> None:
     p = add_command(
         group, "export", export, "convert a model version to ONNX and check parity",
@@ -94,10 +124,16 @@ def _add_export(group: Subparsers) -> None:
         "onnx.checker with full checks, check parity with the source framework on held-out\n"
         "inputs (max |logit diff| <= 1e-4, identical top-1), write model.onnx, vocabulary.json,\n"
         "labels.json and model_card.json to DIR and log them on the same version.\n"
-        "Exit 1 if parity fails; nothing is written then.",
+        "The export gate: refused (exit 1) unless the version has a PASS audit verdict for\n"
+        "these exact ONNX bytes, or --override with a named approver and a justification,\n"
+        "recorded on the version. Exit 1 if parity fails. Nothing is written to DIR then.",
     )
     p.add_argument("ref", metavar="NAME/VERSION")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--override", action="store_true",
+                   help="export without a PASS verdict (needs --approver and --justification)")
+    p.add_argument("--approver", metavar="NAME")
+    p.add_argument("--justification", metavar="TEXT")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -148,10 +184,55 @@ def register(args: argparse.Namespace) -> int:
     return 0
 
 
+def audit(args: argparse.Namespace) -> int:
+    ref = VersionRef.parse(args.ref)
+    policy = load_policy(args.policy)
+    if args.reference_models:
+        policy = replace(policy, attacks=replace(policy.attacks,
+                                                 reference_models=args.reference_models))
+    home = home_of(args)
+    out = args.out or home / "audits" / f"{ref.name}-v{ref.version}-{datetime.now():%Y%m%d-%H%M%S}"
+    with progress_bar(args) as progress:
+        result = steps.audit_model(ModelStore(home), ref, args.members, args.nonmembers, policy,
+                                   out, progress, args.seed)
+    doc = report_json(result) | {"report_dir": str(out)}
+
+    def human() -> None:
+        table = Table(title=f"Memorisation audit of {ref} ({result.privacy_unit} level, "
+                      f"{result.members} members / {result.nonmembers} non-members, "
+                      f"{result.reference_models} reference models)")
+        for col in ("attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound (95%)",
+                    "ε max detectable"):
+            table.add_column(col)
+        for name, m in result.attacks.items():
+            table.add_row(name, f"{m.auc:.3f}", f"{m.tpr_at_fpr[0.001]:.3f}",
+                          f"{m.tpr_at_fpr[0.01]:.3f}", f"{m.epsilon.epsilon_lower:.3f}",
+                          f"{m.epsilon.epsilon_max_detectable:.3f}")
+        console.print(table)
+        for e in result.canaries:
+            console.print(f"canary {e.canary_id}: exposure {e.exposure_bits:.2f} bits "
+                          f"(max {e.max_bits:.2f}, rank {e.rank:g} of {e.candidates + 1})")
+        console.print(f"scan: {result.scan.counts() or 'no findings'}")
+        for c in result.failed:
+            console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")
+        console.print(f"verdict: {result.verdict} under policy {result.policy_name} "
+                      f"({result.policy_digest}); report in {out}")
+
+    emit(args, doc, human)
+    return 0 if result.verdict == "PASS" else 1
+
+
 def export(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
+    override = None
+    if args.override:
+        if not args.approver or not args.justification:
+            raise BadInput("--override needs --approver NAME and --justification TEXT")
+        override = Override(args.approver, args.justification)
+    elif args.approver or args.justification:
+        raise BadInput("--approver and --justification go with --override")
     store = ModelStore(home_of(args))
-    result = steps.export_model(store, ref, args.out)
+    result = steps.export_model(store, ref, args.out, override)
     p = result.parity
     doc = {"model": ref.name, "version": ref.version, "out": str(result.directory),
            "onnx_digest": result.onnx_digest, "parity": asdict(p)}
