@@ -178,6 +178,42 @@ class ModelStore:
             raise
         return self.get(VersionRef(name, str(mv.version)))
 
+    def register_received(self, model_dir: Path, name: str,
+                          tags: Mapping[str, str]) -> VersionInfo:
+        """Register a model received from another site: a new run logging ``model_dir``
+        under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage).
+
+        On any failure the run (and a registered model this call created) is deleted.
+        """
+        if not _NAME.match(name):
+            raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
+        from mlflow.exceptions import MlflowException
+
+        experiment = self._experiment()
+        client = self._client
+        created_model = False
+        run_id = None
+        try:
+            with _store_errors(self.uri):
+                run = client.create_run(experiment, run_name=f"receive-{name}")
+                run_id = run.info.run_id
+                client.log_artifacts(run_id, str(model_dir), "onnx")
+                client.set_terminated(run_id)
+                try:
+                    client.get_registered_model(name)
+                except MlflowException as e:
+                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    client.create_registered_model(name)
+                    created_model = True
+                mv = client.create_model_version(
+                    name, source=f"{run.info.artifact_uri}/onnx", run_id=run_id,
+                    tags=dict(tags))
+        except BaseException:
+            self._undo_register(run_id, name if created_model else None)
+            raise
+        return self.get(VersionRef(name, str(mv.version)))
+
     def _undo_register(self, run_id: str | None, model_name: str | None) -> None:
         try:
             if model_name is not None:
@@ -210,6 +246,10 @@ class ModelStore:
         """Log a directory to the version's run and set version tags."""
         with _store_errors(self.uri):
             self._client.log_artifacts(info.run_id, str(local_dir), artifact_path)
+        self.set_tags(info, tags)
+
+    def set_tags(self, info: VersionInfo, tags: Mapping[str, str]) -> None:
+        with _store_errors(self.uri):
             for key, value in tags.items():
                 self._client.set_model_version_tag(info.ref.name, info.ref.version, key, value)
 

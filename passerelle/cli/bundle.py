@@ -1,0 +1,80 @@
+"""``passerelle bundle create|verify|receive``: signed, encrypted model transfers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
+from registry.store import ModelStore, VersionRef
+from transfer.exchange import create_bundle, describe, receive_bundle, verify_bundle
+
+
+def add_to(sub: Subparsers) -> None:
+    group = sub.add_parser("bundle", help="send and receive signed, encrypted models"
+                           ).add_subparsers(dest="bundle_command", metavar="COMMAND",
+                                            required=True)
+    p = add_command(
+        group, "create", create, "seal a model version for one or more trusted sites",
+        "Take the version's exported ONNX folder, add a transfer statement (sender,\n"
+        "recipients, model, version, sequence number, created/expires, purpose, legal\n"
+        "basis), sign it with OpenSSF Model Signing, pack it deterministically, encrypt it\n"
+        "with age to the recipients and write a signed outer header.")
+    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("--to", action="append", required=True, metavar="SITE",
+                   help="a trusted recipient site (repeatable)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    p = add_command(
+        group, "verify", verify, "check a bundle (decrypting in a private place)",
+        "Check the outer header against the trust store without decrypting; with this\n"
+        "site's identity, also decrypt into a private temporary folder and check the\n"
+        "archive, the model signature, the statement and the ONNX model, then delete it.\n"
+        "Exit 1 with the reason if any check fails.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p = add_command(
+        group, "receive", receive, "verify a bundle, install and register its model",
+        "Everything `bundle verify` checks; then install the model atomically under\n"
+        "received/ in the home and register it in this site's MLflow registry with lineage\n"
+        "tags. A refused bundle leaves no plaintext and no registry entry.")
+    p.add_argument("file", type=Path, metavar="FILE")
+
+
+def create(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    result = create_bundle(home, ModelStore(home), VersionRef.parse(args.ref), args.to,
+                           args.out)
+    t = result.statement.transfer
+    doc = {"out": str(result.path), "bundle_digest": result.digest, "size": result.size,
+           "model": t.model, "version": t.version, "sequence": t.sequence,
+           "recipients": [r.site for r in t.recipients], "expires": t.expires}
+    emit(args, doc, lambda: console.print(
+        f"sealed {t.model}/{t.version} (sequence {t.sequence}) for "
+        f"{', '.join(r.site for r in t.recipients)} in {result.path} ({result.size} bytes, "
+        f"{result.digest}); expires {t.expires}"))
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    result = verify_bundle(args.file, home_of(args))
+    doc = {"verified": True, **describe(result)}
+    what = "every check passed" if result.decrypted else \
+        "outer header verified (no site identity here: payload not checked)"
+    h = result.header.transfer
+    emit(args, doc, lambda: console.print(
+        f"{args.file}: {h.model}/{h.version} from {h.sender.site} (sequence {h.sequence}): "
+        f"{what}"))
+    return 0
+
+
+def receive(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    result = receive_bundle(args.file, home, ModelStore(home))
+    t = result.statement.transfer
+    doc = {"model": result.version.ref.name, "version": result.version.ref.version,
+           "directory": str(result.directory), "bundle_digest": result.bundle_digest,
+           "sender": t.sender.site, "source_version": t.version, "sequence": t.sequence,
+           "tags": dict(result.version.tags)}
+    emit(args, doc, lambda: console.print(
+        f"received {t.model}/{t.version} from {t.sender.site}: registered as "
+        f"{result.version.ref} in {result.directory}"))
+    return 0

@@ -1,0 +1,180 @@
+"""Site identities and the trust store: key files, passphrases, pinning, rotation,
+revocation; through the library and the command line."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from passerelle.cli import main
+from tests.transfer_support import make_site
+from transfer.errors import BadIdentityFile, IdentityError, RevokedSigner, TrustError
+from transfer.identity import (
+    PASSPHRASE_ENV,
+    PublicIdentity,
+    init_site,
+    load_site,
+    public_identity,
+    rotate_site,
+)
+from transfer.trust import AddOutcome, Status, TrustStore
+
+
+def test_site_init_creates_private_keys_readable_only_by_the_owner(tmp_path: Path) -> None:
+    home = tmp_path / "x"
+    public = init_site(home, "X")
+    folder = home / "identity"
+    for name in ("signing_key.pem", "age_identity.txt"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert public.fingerprint.startswith("sha256:") and public.age_recipient.startswith("age1")
+    with pytest.raises(IdentityError, match="already exists"):
+        init_site(home, "X")
+
+
+def test_passphrase_encrypts_both_private_keys(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "x"
+    secret = "correct horse battery staple"  # noqa: S105 - a test passphrase
+    init_site(home, "X", passphrase=secret)
+    folder = home / "identity"
+    assert b"ENCRYPTED" in (folder / "signing_key.pem").read_bytes()
+    assert not (folder / "age_identity.txt").exists()
+    sealed = (folder / "age_identity.age").read_bytes()
+    assert b"AGE-SECRET-KEY" not in sealed and stat.S_IMODE(
+        (folder / "age_identity.age").stat().st_mode) == 0o600
+    for path in folder.rglob("*"):
+        assert secret.encode() not in path.read_bytes()
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    with pytest.raises(IdentityError, match="wrong passphrase"):
+        load_site(home)
+    monkeypatch.setenv(PASSPHRASE_ENV, secret)
+    assert load_site(home).site == "X"
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    with pytest.raises(IdentityError, match="passphrase-protected"):
+        load_site(home)  # no terminal under pytest, no variable: refused, not prompted
+
+
+def test_forged_identity_file_is_refused(tmp_path: Path) -> None:
+    x = make_site(tmp_path, "X")
+    doc = x.public.to_json()
+    doc["site"] = "Y"  # rename the site without re-signing
+    with pytest.raises(BadIdentityFile, match="self-signature"):
+        PublicIdentity.from_json(doc)
+    doc = x.public.to_json()
+    doc["fingerprint"] = "sha256:" + "0" * 64
+    with pytest.raises(BadIdentityFile, match="fingerprint"):
+        PublicIdentity.from_json(doc)
+
+
+def test_second_key_for_a_trusted_site_without_rotation_is_refused(tmp_path: Path) -> None:
+    y = make_site(tmp_path, "Y")
+    x = make_site(tmp_path, "X")
+    impostor = make_site(tmp_path / "elsewhere", "X")
+    store = TrustStore(y.home)
+    assert store.add(x.public) is AddOutcome.PINNED
+    assert store.add(x.public) is AddOutcome.UNCHANGED
+    with pytest.raises(TrustError, match="already trusted"):
+        store.add(impostor.public)
+    assert [e.identity.fingerprint for e in TrustStore(y.home).entries()] == [
+        x.public.fingerprint]
+
+
+def test_rotation_signed_by_the_trusted_key_replaces_it(tmp_path: Path) -> None:
+    y = make_site(tmp_path, "Y")
+    x = make_site(tmp_path, "X")
+    store = TrustStore(y.home)
+    store.add(x.public)
+    rotated = rotate_site(x.home)
+    assert rotated.previous_fingerprint == x.public.fingerprint
+    assert public_identity(x.home) == rotated
+    assert (x.home / "identity" / "retired").is_dir()
+    assert TrustStore(y.home).add(rotated) is AddOutcome.ROTATED
+    status = {e.identity.fingerprint: e.status for e in TrustStore(y.home).entries()}
+    assert status == {x.public.fingerprint: Status.SUPERSEDED,
+                      rotated.fingerprint: Status.TRUSTED}
+    assert TrustStore(y.home).recipient("X") == rotated
+
+
+def test_rotation_vouched_for_by_a_revoked_key_is_refused(tmp_path: Path) -> None:
+    y = make_site(tmp_path, "Y")
+    x = make_site(tmp_path, "X")
+    store = TrustStore(y.home)
+    store.add(x.public)
+    store.revoke(x.public.fingerprint)
+    rotated = rotate_site(x.home)  # e.g. by a thief holding the compromised key
+    with pytest.raises(RevokedSigner, match="revoked"):
+        TrustStore(y.home).add(rotated)
+    with pytest.raises(RevokedSigner, match="cannot be trusted again"):
+        TrustStore(y.home).add(x.public)
+
+
+def test_cli_site_and_trust_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hx, hy = tmp_path / "x", tmp_path / "y"
+    assert main(["site", "init", "X", "--home", str(hx), "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert main(["site", "init", "Y", "--home", str(hy)]) == 0
+    capsys.readouterr()
+    ident = tmp_path / "x.identity.json"
+    assert main(["site", "show", "--home", str(hx), "--out", str(ident)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fingerprint"] == created["fingerprint"] == \
+        json.loads(ident.read_text())["fingerprint"]
+    assert main(["trust", "add", str(ident), "--home", str(hy), "--fingerprint",
+                 "sha256:" + "1" * 64]) == 2
+    assert "not the expected" in capsys.readouterr().err
+    assert main(["trust", "add", str(ident), "--home", str(hy), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "pinned"
+    assert main(["trust", "list", "--home", str(hy), "--json"]) == 0
+    keys = json.loads(capsys.readouterr().out)["keys"]
+    assert [(k["site"], k["status"]) for k in keys] == [("X", "trusted")]
+    assert main(["trust", "revoke", created["fingerprint"], "--home", str(hy)]) == 0
+    capsys.readouterr()
+    assert main(["trust", "add", str(ident), "--home", str(hy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "revoked" in err and len(err.splitlines()) == 1
+    assert main(["trust", "revoke", "nonsense", "--home", str(hy)]) == 2
+    capsys.readouterr()
+    ident.write_text("{not json")
+    assert main(["trust", "add", str(ident), "--home", str(hy)]) == 1
+    assert "not a JSON identity file" in capsys.readouterr().err
+
+
+def test_cli_init_takes_the_passphrase_from_the_environment_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "s3cret-phrase")
+    assert main(["site", "init", "X", "--home", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr()
+    assert "s3cret-phrase" not in out.out + out.err
+    assert b"ENCRYPTED" in (tmp_path / "x" / "identity" / "signing_key.pem").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["site", "init", "Y", "--home", str(tmp_path / "y"), "--passphrase", "x"])
+
+
+def test_after_rotation_bundles_signed_by_the_old_key_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.transfer_support import NOW, Site, forge, ship_dir, trust
+    from transfer.errors import UntrustedSigner
+    from transfer.exchange import verify_bundle
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    trust(x, y)
+    trust(y, x)
+    old = forge(tmp_path / "old.bundle", x, [y], ship_dir(tmp_path))
+    assert main(["site", "rotate", "--home", str(x.home), "--json"]) == 0
+    rotated = json.loads(capsys.readouterr().out)
+    assert rotated["previous_fingerprint"] == x.public.fingerprint
+    ident = tmp_path / "x2.json"
+    assert main(["site", "show", "--home", str(x.home), "--out", str(ident)]) == 0
+    capsys.readouterr()
+    assert main(["trust", "add", str(ident), "--home", str(y.home), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "rotated"
+    with pytest.raises(UntrustedSigner, match="replaced by a newer key"):
+        verify_bundle(old, y.home, now=NOW)
+    x2 = Site(x.home, load_site(x.home))
+    new = forge(tmp_path / "new.bundle", x2, [y], ship_dir(tmp_path, name="ship2"))
+    assert verify_bundle(new, y.home, now=NOW).decrypted

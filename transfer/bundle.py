@@ -1,0 +1,561 @@
+"""The bundle file: a signed outer header followed by an age-encrypted payload.
+
+Layout of a bundle file (docs/decisions/0003-bundle-format.md)::
+
+    MAGIC (b"PASSERELLE-BUNDLE/1\\n", 20 bytes)
+    header length (4 bytes, big-endian)
+    header: canonical JSON {"header": {...}, "signature": base64 ECDSA P-256/SHA-256}
+    payload: the age file (X25519 recipients), exactly header.payload.size bytes, to EOF
+
+The payload decrypts to a deterministic tar of::
+
+    model/            model.onnx, vocabulary.json, labels.json, model_card.json,
+                      [audit_report.json], transfer_statement.json
+    model.sig         OpenSSF Model Signing bundle over model/ (private-key signer)
+
+Receiving (``open_bundle``), in this order; nothing is decrypted before step 7 and
+nothing is parsed as ONNX before step 10:
+
+1. parse the envelope (magic, bounded header, canonical JSON, exact file size);
+2. the sender's key is pinned in the trust store and not revoked;
+3. the header's signature verifies with that key;
+4. this site is one of the recipients;
+5. not expired, not created in the future (clock skew allowed);
+6. not a rollback: sequence and version above what was last received from that sender
+   for that model;
+7. payload digest equals the header's, then decrypt (streaming, digest checked again
+   on the bytes decrypted) and
+8. unpack as it streams, with the safety checks and limits of transfer.archive, into a
+   private temporary area under the home (0700, under a lock; leftovers of a killed
+   receive are removed by the next one); check the layout;
+9. the model signature verifies with the sender's pinned key;
+10. the signed statement equals the header's transfer (mix-and-match, re-encryption to
+    a third site), the ONNX digest matches, then the ONNX safety checks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyrage  # type: ignore[import-untyped]
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from passerelle.digests import canonical_json, sha256_file
+from passerelle.errors import PasserelleError
+from transfer import onnx_safety
+from transfer.archive import Limits, pack, unpack_stream
+from transfer.errors import (
+    DecryptionFailed,
+    DigestMismatch,
+    Expired,
+    MalformedBundle,
+    NotAddressedToUs,
+    Rollback,
+    SignatureInvalid,
+    StatementMismatch,
+    UnsafeArchive,
+)
+from transfer.identity import PublicIdentity, SiteIdentity, sign, verify
+from transfer.statement import STATEMENT_FILE, Header, Transfer, TransferStatement
+from transfer.trust import TrustStore
+
+MAGIC = b"PASSERELLE-BUNDLE/1\n"
+MAX_HEADER = 64 * 1024
+MODEL_DIR = "model"
+SIGNATURE_FILE = "model.sig"
+ONNX_FILE = "model.onnx"
+RECEIVING_DIR = ".receiving"
+RECEIVED_STATE = "received.json"
+SENT_STATE = "sent.json"
+STATE_DIR = "transfer"
+CLOCK_SKEW = timedelta(minutes=5)
+DEFAULT_VALIDITY = timedelta(days=7)
+# Test hook for the kill test: seconds to sleep right after decryption.
+SLEEP_AFTER_DECRYPT_ENV = "PASSERELLE_TEST_SLEEP_AFTER_DECRYPT"
+# What may be shipped from an exported folder (anything else there stays home).
+SHIPPABLE = ("model.onnx", "vocabulary.json", "labels.json", "model_card.json",
+             "audit_report.json")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- envelope
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed bundle file; nothing in it is trusted yet."""
+
+    path: Path
+    header: Header
+    header_doc: dict[str, Any]
+    signature: str
+    payload_offset: int
+
+
+def read_envelope(path: Path) -> Envelope:
+    """Step 1: parse the envelope of ``path``; refuse anything malformed or truncated."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            magic = f.read(len(MAGIC))
+            raw_len = f.read(4)
+            if magic != MAGIC or len(raw_len) != 4:
+                raise MalformedBundle(f"{path.name}: not a Passerelle bundle (bad magic)")
+            (length,) = struct.unpack(">I", raw_len)
+            if not 0 < length <= MAX_HEADER:
+                raise MalformedBundle(f"{path.name}: header length {length} out of range")
+            raw = f.read(length)
+    except OSError as e:
+        raise MalformedBundle(f"{path}: cannot read: {e.strerror}") from e
+    if len(raw) != length:
+        raise MalformedBundle(f"{path.name}: truncated in the header")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MalformedBundle(f"{path.name}: the header is not JSON") from e
+    if not isinstance(doc, dict) or set(doc) != {"header", "signature"} or \
+            not isinstance(doc["signature"], str) or canonical_json(doc) != raw:
+        raise MalformedBundle(f"{path.name}: the header is not canonical {{header, signature}}")
+    header = Header.from_json(doc["header"])
+    offset = len(MAGIC) + 4 + length
+    if size != offset + header.payload_size:
+        what = "truncated" if size < offset + header.payload_size else "has trailing bytes"
+        raise MalformedBundle(f"{path.name}: {what} (payload is {size - offset} bytes, the "
+                              f"header says {header.payload_size})")
+    return Envelope(path, header, doc["header"], doc["signature"], offset)
+
+
+def write_bundle(out: Path, header: Header, key: ec.EllipticCurvePrivateKey,
+                 payload: Path) -> str:
+    """Write header + payload to ``out`` atomically; returns the bundle's digest."""
+    doc = {"header": header.to_json(), "signature": sign(key, canonical_json(header.to_json()))}
+    raw = canonical_json(doc)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.resolve().parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f, payload.open("rb") as src:
+            for part in (MAGIC, struct.pack(">I", len(raw)), raw):
+                f.write(part)
+                digest.update(part)
+            while chunk := src.read(_CHUNK):
+                f.write(chunk)
+                digest.update(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # the bundle is encrypted, meant to be shared
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return "sha256:" + digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- sealing
+
+class _HashingWriter:
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def sign_model_dir(identity: SiteIdentity, model_dir: Path, signature: Path) -> None:
+    """OpenSSF Model Signing over ``model_dir`` with the site's ECDSA key."""
+    from model_signing import signing
+
+    # model-signing 1.1.1 annotates the password as str but hands it to cryptography,
+    # which wants bytes.
+    password = identity.passphrase.encode() if identity.passphrase else None
+    config = signing.Config()  # type: ignore[no-untyped-call]
+    config.use_elliptic_key_signer(
+        private_key=identity.signing_key_path, password=password,  # type: ignore[arg-type]
+    ).sign(model_dir, signature)
+
+
+def stage(identity: SiteIdentity, ship: Path, statement: TransferStatement,
+          work: Path) -> Path:
+    """``work/stage`` holding model/ (shipped files + statement) and model.sig."""
+    root = work / "stage"
+    model = root / MODEL_DIR
+    model.mkdir(parents=True, mode=0o700)
+    for name in SHIPPABLE:
+        if (ship / name).is_file():
+            _link_or_copy(ship / name, model / name)
+    (model / STATEMENT_FILE).write_bytes(canonical_json(statement.to_json()))
+    sign_model_dir(identity, model, root / SIGNATURE_FILE)
+    return root
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (no copy of a large model); signing reads the result."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def encrypt(plain: Path, recipients: Sequence[str], out: Path) -> tuple[str, int]:
+    """age-encrypt ``plain`` to X25519 ``recipients`` (streaming); (digest, size)."""
+    try:
+        keys = [pyrage.x25519.Recipient.from_str(r) for r in recipients]
+    except pyrage.RecipientError as e:
+        raise MalformedBundle("a recipient's age key is unusable") from e
+    with plain.open("rb") as src, out.open("wb") as dst:
+        writer = _HashingWriter(dst)
+        pyrage.encrypt_io(src, writer, keys)
+    return "sha256:" + writer.hash.hexdigest(), writer.size
+
+
+def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
+         recipients: Sequence[PublicIdentity], out: Path, work: Path) -> str:
+    """Pack ``staged``, encrypt it to ``recipients``, write the signed bundle ``out``."""
+    tar = work / "payload.tar"
+    with tar.open("wb") as f:
+        pack(staged, f)
+    cipher = work / "payload.age"
+    digest, size = encrypt(tar, [r.age_recipient for r in recipients], cipher)
+    tar.unlink()
+    return write_bundle(out, Header(transfer, digest, size), identity.signing_key, cipher)
+
+
+def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], model: str,
+                  version: str, sequence: int, now: datetime | None = None,
+                  validity: timedelta = DEFAULT_VALIDITY) -> Transfer:
+    from transfer.statement import Party
+
+    created = (now or datetime.now(UTC)).replace(microsecond=0)
+    return Transfer(
+        sender=Party(identity.site, identity.fingerprint),
+        recipients=tuple(Party(r.site, r.fingerprint) for r in recipients),
+        model=model, version=version, sequence=sequence, created=created.isoformat(),
+        expires=(created + validity).isoformat())
+
+
+def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStatement,
+                     recipients: Sequence[PublicIdentity], out: Path) -> str:
+    """Stage, sign, pack, encrypt and write a bundle of the shippable folder ``ship``."""
+    if not (ship / ONNX_FILE).is_file():
+        raise MalformedBundle(f"{ship}: no {ONNX_FILE} to ship")
+    with private_workspace(out.resolve().parent, ".passerelle-bundle-") as work:
+        staged = stage(identity, ship, statement, work)
+        return seal(identity, staged, statement.transfer, recipients, out, work)
+
+
+def next_sequence(home: Path, model: str) -> int:
+    """The next sequence number for ``model`` sent by this site (not yet recorded)."""
+    return int(_read_state(home, SENT_STATE).get(model, 0)) + 1
+
+
+def record_sent(home: Path, model: str, sequence: int) -> None:
+    state = _read_state(home, SENT_STATE)
+    state[model] = max(sequence, int(state.get(model, 0)))
+    _write_state(home, SENT_STATE, state)
+
+
+# --------------------------------------------------------------------------- state
+
+def _read_state(home: Path, name: str) -> dict[str, Any]:
+    path = home / STATE_DIR / name
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PasserelleError(f"{path}: transfer state is unreadable") from e
+    if not isinstance(doc, dict):
+        raise PasserelleError(f"{path}: transfer state is malformed")
+    return doc
+
+
+def _write_state(home: Path, name: str, doc: dict[str, Any]) -> None:
+    folder = home / STATE_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stream_key(transfer: Transfer) -> str:
+    return f"{transfer.sender.site}/{transfer.model}"
+
+
+def last_received(home: Path, transfer: Transfer) -> tuple[int, int] | None:
+    entry = _read_state(home, RECEIVED_STATE).get(_stream_key(transfer))
+    if entry is None:
+        return None
+    return int(entry["sequence"]), int(entry["version"])
+
+
+def record_received(home: Path, transfer: Transfer) -> None:
+    state = _read_state(home, RECEIVED_STATE)
+    state[_stream_key(transfer)] = {"sequence": transfer.sequence,
+                                    "version": int(transfer.version)}
+    _write_state(home, RECEIVED_STATE, state)
+
+
+# --------------------------------------------------------------------------- workspace
+
+@contextmanager
+def private_workspace(parent: Path, prefix: str) -> Iterator[Path]:
+    """A 0700 temporary folder, removed on every path out."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def receiving_area(home: Path) -> Iterator[Path]:
+    """The private place where payloads are decrypted, one receive at a time.
+
+    Takes an exclusive lock; whatever is left in ``.receiving`` then can only come from a
+    process that died mid-receive (killed), so it is removed first.
+    """
+    area = home / RECEIVING_DIR
+    area.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(area, 0o700)
+    with (home / ".receiving.lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            clean_stale(home)
+            with private_workspace(area, "rx-") as work:
+                yield work
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def clean_stale(home: Path) -> list[str]:
+    """Remove leftovers of killed receives (call with the receiving lock held)."""
+    area = home / RECEIVING_DIR
+    removed = []
+    if area.is_dir():
+        for child in area.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return removed
+
+
+# --------------------------------------------------------------------------- verifying
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle that passed every check; ``root`` is in the private receiving area."""
+
+    header: Header
+    statement: TransferStatement
+    sender: PublicIdentity
+    bundle_digest: str
+    root: Path  # holds model/ and model.sig
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / MODEL_DIR
+
+
+def check_envelope(path: Path, trust: TrustStore, me: PublicIdentity | None,
+                   home: Path | None, now: datetime) -> tuple[Envelope, PublicIdentity]:
+    """Steps 1-6: everything that can be checked without decrypting.
+
+    ``me`` None skips the recipient check, ``home`` None the rollback check (a site
+    without an identity can still check who signed a bundle).
+    """
+    env = read_envelope(path)                                           # (1)
+    t = env.header.transfer
+    sender = trust.sender(t.sender.fingerprint, t.sender.site)          # (2)
+    verify(sender.public_key, canonical_json(env.header_doc), env.signature,
+           f"{path.name}: outer header")                                # (3)
+    if me is not None and not t.names(me.fingerprint):                  # (4)
+        names = ", ".join(r.site for r in t.recipients)
+        raise NotAddressedToUs(f"{path.name} is addressed to {names}, not to this site "
+                               f"({me.site})")
+    _check_time(t, now)                                                 # (5)
+    if home is not None:
+        _check_rollback(t, last_received(home, t))                      # (6)
+    return env, sender
+
+
+def _check_time(t: Transfer, now: datetime) -> None:
+    if now > t.expires_at:
+        raise Expired(f"bundle of {t.model}/{t.version} expired at {t.expires}")
+    if t.created_at > now + CLOCK_SKEW:
+        raise Expired(f"bundle of {t.model}/{t.version} is dated in the future ({t.created})")
+
+
+def _check_rollback(t: Transfer, received: tuple[int, int] | None) -> None:
+    if received is None:
+        return
+    sequence, version = received
+    if t.sequence <= sequence or int(t.version) < version:
+        raise Rollback(f"{t.model} from {t.sender.site}: sequence {t.sequence} version "
+                       f"{t.version} is not newer than the last received (sequence {sequence}, "
+                       f"version {version})")
+
+
+class _RegionReader:
+    """Reads ``size`` bytes from ``f`` and hashes them (the payload, read once more)."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._left = size
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        self.hash.update(data)
+        return data
+
+
+def _hash_payload(env: Envelope) -> str:
+    """Steps (7a): digest of the payload and of the whole bundle."""
+    whole = hashlib.sha256()
+    part = hashlib.sha256()
+    with env.path.open("rb") as f:
+        whole.update(f.read(env.payload_offset))
+        while chunk := f.read(_CHUNK):
+            whole.update(chunk)
+            part.update(chunk)
+    if "sha256:" + part.hexdigest() != env.header.payload_digest:
+        raise DigestMismatch(f"{env.path.name}: the payload's digest differs from the signed "
+                             "header")
+    return "sha256:" + whole.hexdigest()
+
+
+def _decrypt_and_unpack(env: Envelope, identities: Sequence[Any], dest: Path,
+                        limits: Limits) -> None:
+    """(7b, 8) Decrypt the payload and unpack it as it streams; no tar is written.
+
+    pyrage decrypts into a pipe; a thread unpacks from the other end with the safety
+    checks of :func:`transfer.archive.unpack_stream`. If unpacking refuses, the pipe
+    closes and decryption stops. The payload digest is checked again on the bytes
+    actually decrypted (the file could have changed since step 7a).
+    """
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            with os.fdopen(read_fd, "rb") as pipe:
+                unpack_stream(pipe, dest, limits)
+        except BaseException as e:  # reported to the decrypting thread below
+            failure.append(e)
+
+    worker = threading.Thread(target=consume, name="passerelle-unpack", daemon=True)
+    worker.start()
+    decrypt_error: BaseException | None = None
+    with env.path.open("rb") as f:
+        f.seek(env.payload_offset)
+        reader = _RegionReader(f, env.header.payload_size)
+        try:
+            with os.fdopen(write_fd, "wb") as pipe:
+                pyrage.decrypt_io(reader, pipe, list(identities))
+        except BrokenPipeError:
+            pass  # the unpacking thread stopped; its error is raised below
+        except pyrage.DecryptError as e:
+            decrypt_error = e
+    worker.join()
+    if decrypt_error is not None:
+        raise DecryptionFailed(f"{env.path.name}: cannot decrypt the payload with this "
+                               "site's identity") from decrypt_error
+    if failure:
+        raise failure[0]
+    if "sha256:" + reader.hash.hexdigest() != env.header.payload_digest:
+        raise DigestMismatch(f"{env.path.name}: the payload changed while it was read")
+
+
+def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work: Path) -> None:
+    """(9) OpenSSF Model Signing verification with the sender's pinned key."""
+    from model_signing import verifying
+
+    pub = work / "sender.pub"
+    pub.write_text(key_pem)
+    try:
+        config = verifying.Config()  # type: ignore[no-untyped-call]
+        config.use_elliptic_key_verifier(public_key=pub).verify(model_dir, signature)
+    except Exception as e:
+        raise SignatureInvalid(f"the model signature does not verify with the sender's key: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                               ) from e
+    finally:
+        pub.unlink(missing_ok=True)
+
+
+def _read_statement(model_dir: Path) -> TransferStatement:
+    try:
+        doc = json.loads((model_dir / STATEMENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise StatementMismatch("the transfer statement is missing or not JSON") from e
+    return TransferStatement.from_json(doc)
+
+
+def verify_payload(env: Envelope, sender: PublicIdentity, me: PublicIdentity,
+                   identities: Sequence[Any], work: Path, limits: Limits) -> VerifiedBundle:
+    """Steps 7-10, in the private ``work`` folder."""
+    bundle_digest = _hash_payload(env)                                  # (7)
+    root = work / "content"
+    root.mkdir(mode=0o700)
+    _decrypt_and_unpack(env, identities, root, limits)                  # (7, 8)
+    pause = os.environ.get(SLEEP_AFTER_DECRYPT_ENV)
+    if pause:
+        time.sleep(float(pause))
+    names = sorted(p.name for p in root.iterdir())
+    if names != [MODEL_DIR, SIGNATURE_FILE] or not (root / MODEL_DIR).is_dir() or \
+            not (root / MODEL_DIR / ONNX_FILE).is_file():
+        raise UnsafeArchive(f"payload must hold exactly {MODEL_DIR}/ (with {ONNX_FILE}) and "
+                            f"{SIGNATURE_FILE}; found {names}")
+    verify_model_signature(root / MODEL_DIR, root / SIGNATURE_FILE,     # (9)
+                           sender.signing_key_pem, work)
+    statement = _read_statement(root / MODEL_DIR)                       # (10)
+    if statement.transfer != env.header.transfer:
+        raise StatementMismatch(f"{env.path.name}: the signed transfer statement inside does "
+                                "not match the outer header (mixed or re-encrypted bundle)")
+    if not statement.transfer.names(me.fingerprint):
+        raise NotAddressedToUs("the signed statement does not name this site")
+    if sha256_file(root / MODEL_DIR / ONNX_FILE) != statement.onnx_digest:
+        raise DigestMismatch("model.onnx differs from the digest in the statement")
+    onnx_safety.check_model(root / MODEL_DIR / ONNX_FILE)
+    return VerifiedBundle(env.header, statement, sender, bundle_digest, root)
+
+
+@contextmanager
+def open_bundle(path: Path, home: Path, identity: SiteIdentity, now: datetime | None = None,
+                limits: Limits = Limits()) -> Iterator[VerifiedBundle]:  # noqa: B008
+    """Verify and decrypt ``path`` for this site; the plaintext lives only inside the block."""
+    moment = now or datetime.now(UTC)
+    trust = TrustStore(home)
+    with receiving_area(home) as work:  # the rollback state is read under the lock
+        env, sender = check_envelope(path, trust, identity.public, home, moment)
+        yield verify_payload(env, sender, identity.public, [identity.age_identity], work,
+                             limits)

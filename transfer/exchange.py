@@ -1,0 +1,209 @@
+"""Send and receive models: ``bundle create``, ``bundle verify`` and ``bundle receive``.
+
+The source side takes a registered version's shippable ONNX folder (the one logged by
+``model export`` under ``onnx/``, its digest checked against the version's tag; else a
+fresh conversion), refuses it unless the export gate passed for those exact bytes (PASS
+audit verdict or recorded override), adds the audit report when there is one, writes a
+transfer statement and seals it (transfer.bundle). The
+receiving side verifies everything, installs the model atomically under
+``received/`` in its home and registers it with lineage tags; a refused bundle leaves
+no plaintext and no registry entry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from passerelle.digests import sha256_file
+from passerelle.errors import BadInput, GateRefused
+from registry.export import shippable
+from registry.store import TAG, ModelStore, VersionInfo, VersionRef
+from transfer.archive import Limits
+from transfer.bundle import (
+    DEFAULT_VALIDITY,
+    MODEL_DIR,
+    ONNX_FILE,
+    SIGNATURE_FILE,
+    bundle_directory,
+    check_envelope,
+    make_transfer,
+    next_sequence,
+    open_bundle,
+    private_workspace,
+    record_received,
+    record_sent,
+)
+from transfer.errors import DigestMismatch
+from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity
+from transfer.statement import Header, TransferStatement
+from transfer.trust import TrustStore
+
+RECEIVED_DIR = "received"
+
+
+@dataclass(frozen=True)
+class CreatedBundle:
+    path: Path
+    digest: str
+    statement: TransferStatement
+    size: int
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``bundle verify`` established."""
+
+    header: Header
+    sender: PublicIdentity
+    decrypted: bool  # False: only the outer header was checked (no identity here)
+    statement: TransferStatement | None
+    bundle_digest: str | None
+
+
+@dataclass(frozen=True)
+class ReceivedModel:
+    version: VersionInfo
+    directory: Path
+    statement: TransferStatement
+    bundle_digest: str
+
+
+AUDIT_REPORT = "audit-report.json"  # registry.audit.runner.REPORT_FILE, under audit/
+SHIPPED_AUDIT_REPORT = "audit_report.json"
+
+
+def export_gate(info: VersionInfo, onnx_digest: str) -> str:
+    """The verdict a version may leave with, or :class:`GateRefused`.
+
+    It may leave with a PASS audit verdict for these exact ONNX bytes, or with an export
+    override recorded for these bytes by ``model export --override`` (registry.export).
+    """
+    tags = info.tags
+    verdict = tags.get(TAG + "audit.verdict")
+    if verdict == "PASS" and tags.get(TAG + "audit.onnx_digest") == onnx_digest:
+        return "PASS"
+    if tags.get(TAG + "export.override.onnx_digest") == onnx_digest:
+        approver = tags.get(TAG + "export.override.approver", "unknown")[:200]
+        return f"{verdict or 'none'} (export override by {approver})"
+    raise GateRefused(f"{info.ref} may not leave this site: no PASS audit verdict for its "
+                      "ONNX bytes and no recorded export override (run 'passerelle model "
+                      "audit', or 'passerelle model export --override ...')")
+
+
+def _add_audit_report(store: ModelStore, info: VersionInfo, ship: Path, work: Path,
+                      onnx_digest: str) -> None:
+    """Ship the audit report beside the model when the audit speaks of these bytes."""
+    if info.tags.get(TAG + "audit.onnx_digest") != onnx_digest:
+        return
+    folder = work / "audit"
+    folder.mkdir()
+    report = store.download(info, f"audit/{AUDIT_REPORT}", folder)
+    shutil.copyfile(report, ship / SHIPPED_AUDIT_REPORT)
+
+
+def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[str],
+                  out: Path, now: datetime | None = None,
+                  validity: timedelta = DEFAULT_VALIDITY) -> CreatedBundle:
+    """``bundle create``: seal a registered version for the sites ``to``."""
+    if out.exists():
+        raise BadInput(f"{out}: already exists")
+    if not out.resolve().parent.is_dir():
+        raise BadInput(f"{out.resolve().parent}: no such directory")
+    if not to:
+        raise BadInput("name at least one recipient site (--to)")
+    identity = load_site(home)
+    trust = TrustStore(home)
+    recipients = [trust.recipient(site) for site in dict.fromkeys(to)]
+    store.get(ref)  # an unknown version is bad input before any work
+    with private_workspace(out.resolve().parent, ".passerelle-create-") as work:
+        export = shippable(store, ref, work / "onnx")  # digest re-checked, or converted
+        info = store.get(ref)  # the tags as they are now
+        verdict = export_gate(info, export.onnx_digest)
+        ship = export.directory
+        if sha256_file(ship / ONNX_FILE) != export.onnx_digest:
+            raise DigestMismatch(f"{ref}: model.onnx changed on the way")
+        _add_audit_report(store, info, ship, work, export.onnx_digest)
+        sequence = next_sequence(home, ref.name)
+        statement = TransferStatement(
+            transfer=make_transfer(identity, recipients, ref.name, ref.version, sequence,
+                                   now, validity),
+            purpose=info.tags.get(TAG + "purpose", ""),
+            legal_basis=info.tags.get(TAG + "legal_basis", ""),
+            audit_verdict=verdict, onnx_digest=export.onnx_digest)
+        digest = bundle_directory(identity, ship, statement, recipients, out)
+    record_sent(home, ref.name, sequence)
+    return CreatedBundle(out, digest, statement, out.stat().st_size)
+
+
+def verify_bundle(path: Path, home: Path, now: datetime | None = None,
+                  limits: Limits = Limits()) -> Verification:  # noqa: B008
+    """``bundle verify``: every check, decrypting in a private place if we have keys."""
+    moment = now or datetime.now(UTC)
+    if not (home / "identity").is_dir():
+        env, sender = check_envelope(path, TrustStore(home), None, home, moment)
+        return Verification(env.header, sender, False, None, None)
+    identity = load_site(home)
+    with open_bundle(path, home, identity, moment, limits) as vb:
+        return Verification(vb.header, vb.sender, True, vb.statement, vb.bundle_digest)
+
+
+def receive_bundle(path: Path, home: Path, store: ModelStore, now: datetime | None = None,
+                   limits: Limits = Limits(),  # noqa: B008
+                   identity: SiteIdentity | None = None) -> ReceivedModel:
+    """``bundle receive``: verify, install atomically, register with lineage tags."""
+    me = identity or load_site(home)
+    with open_bundle(path, home, me, now, limits) as vb:
+        t = vb.statement.transfer
+        dest = home / RECEIVED_DIR / t.sender.site / t.model / f"{t.version}-{t.sequence}"
+        if dest.exists():
+            # Only a receive of this very bundle that died before recording it (the
+            # rollback check passed) can have left it: replace it.
+            shutil.rmtree(dest)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.rename(vb.root, dest)
+        try:
+            version = store.register_received(dest / MODEL_DIR, t.model,
+                                              _lineage_tags(vb.statement, vb.bundle_digest))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        record_received(home, t)
+    return ReceivedModel(version, dest, vb.statement, vb.bundle_digest)
+
+
+def _lineage_tags(statement: TransferStatement, bundle_digest: str) -> dict[str, str]:
+    t = statement.transfer
+    return {
+        TAG + "received_from": t.sender.site,
+        TAG + "sender_fingerprint": t.sender.fingerprint,
+        TAG + "bundle_digest": bundle_digest,
+        TAG + "source_model": t.model,
+        TAG + "source_version": t.version,
+        TAG + "transfer_sequence": str(t.sequence),
+        TAG + "transfer_created": t.created,
+        TAG + "audit_verdict": statement.audit_verdict or "none",
+        TAG + "purpose": statement.purpose,
+        TAG + "legal_basis": statement.legal_basis,
+        TAG + "onnx_digest": statement.onnx_digest,
+    }
+
+
+def describe(verification: Verification) -> dict[str, Any]:
+    h = verification.header.transfer
+    return {"sender": h.sender.site, "sender_fingerprint": h.sender.fingerprint,
+            "recipients": [r.site for r in h.recipients], "model": h.model,
+            "version": h.version, "sequence": h.sequence, "created": h.created,
+            "expires": h.expires, "payload_digest": verification.header.payload_digest,
+            "payload_size": verification.header.payload_size,
+            "decrypted": verification.decrypted, "bundle_digest": verification.bundle_digest,
+            "signature_file": SIGNATURE_FILE}
+
+
+__all__ = ["CreatedBundle", "ReceivedModel", "Verification", "create_bundle", "describe",
+           "export_gate", "public_identity", "receive_bundle", "verify_bundle"]
