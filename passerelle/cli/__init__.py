@@ -11,10 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from passerelle.cli import _common, data, demo, model
+from passerelle.cli import _common, bundle, data, demo, model, records, site, trust
 from passerelle.errors import PasserelleError
 
-_GROUPS = (data, model, demo)
+_GROUPS = (data, model, site, trust, bundle, demo, records)
 
 
 def build_parser() -> _common.Parser:

@@ -1,0 +1,128 @@
+"""``passerelle records list|show|verify|export|checkpoint``: the site's signed ledger."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
+from transfer.ledger import URL_ENV, check_peer, read_checkpoint
+from transfer.ledger_site import open_ledger, own_keys, peer_keys, site_signer
+from transfer.records import RecordKind
+
+
+def _since(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def add_to(sub: Subparsers) -> None:
+    group = sub.add_parser("records", help="the site's signed, chained ledger").add_subparsers(
+        dest="records_command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Any, help_text: str, description: str | None = None
+                ) -> argparse.ArgumentParser:
+        p = add_command(group, name, handler, help_text, description)
+        p.add_argument("--ledger-url", metavar="URL", help=f"the ledger database (default: "
+                       f"${URL_ENV}, else sqlite:///HOME/ledger.db)")
+        return p
+
+    p = command("list", list_, "list the site's records, oldest first")
+    p.add_argument("--model", metavar="NAME", help="only records about this model")
+    p.add_argument("--since", type=_since, metavar="ISO", help="only records from this time "
+                   "on (UTC unless a zone is given)")
+    p.add_argument("--kind", type=RecordKind, choices=list(RecordKind), metavar="KIND",
+                   help="only records of this kind: " + ", ".join(RecordKind))
+    p = command("show", show, "print one record: its statement and envelope")
+    p.add_argument("id", metavar="ID", help="record id (sha256:<hex>, or 8+ hex digits)")
+    p = command(
+        "verify", verify, "check signatures and the chain; exit 1 at the first bad record",
+        "Check every record in order: canonical envelope, signature by this site's key\n"
+        "(current or retired), seq contiguous from 0, prev = id of the previous record.\n"
+        "Dropped newest records are caught only against something kept elsewhere:\n"
+        "--checkpoint (a head signed earlier with `records checkpoint`) or --peer (another\n"
+        "site's export: every transfer between the two sites must appear at both ends).")
+    p.add_argument("--peer", type=Path, metavar="FILE", help="a peer site's records export")
+    p.add_argument("--checkpoint", type=Path, metavar="FILE",
+                   help="a checkpoint written by `records checkpoint`")
+    p = command("export", export, "write the signed envelopes as JSON Lines",
+                "One DSSE envelope (in-toto statement v1) per line, in chain order; readable\n"
+                "without Passerelle (base64-decode each payload).")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p = command("checkpoint", checkpoint, "sign the chain head into a file kept elsewhere",
+                "Write a signed statement of the chain head (seq, id, time). Keep it outside\n"
+                "the ledger (another machine, the peer, the DPO's mail); `records verify\n"
+                "--checkpoint FILE` later refuses a ledger that no longer holds that head.")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+
+
+def list_(args: argparse.Namespace) -> int:
+    with open_ledger(home_of(args), args.ledger_url) as ledger:
+        found = ledger.records(kind=args.kind, since=args.since, model=args.model)
+    doc = {"records": [r.summary() for r in found]}
+
+    def human() -> None:
+        table = Table(title=f"ledger of {ledger.site}")
+        for col in ("seq", "time", "kind", "model", "id"):
+            table.add_column(col)
+        for r in found:
+            model = f"{r.model}/{r.fields.get('version', '')}" if r.model else ""
+            table.add_row(str(r.seq), r.time[:19], r.kind.value, model, r.id[:23])
+        console.print(table)
+
+    emit(args, doc, human)
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    with open_ledger(home_of(args), args.ledger_url) as ledger:
+        record = ledger.get(args.id)
+    doc = {**record.summary(), "statement": record.statement(), "envelope": record.envelope}
+    emit(args, doc, lambda: console.print_json(data=doc))
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    with open_ledger(home, args.ledger_url) as ledger:
+        result = ledger.verify(own_keys(home))
+        doc: dict[str, Any] = result.to_json()
+        lines = [f"{result.site}: {result.count} records verified (signatures and chain)"]
+        if args.checkpoint is not None:
+            cp = read_checkpoint(args.checkpoint, own_keys(home))
+            ledger.check_checkpoint(cp)
+            doc["checkpoint"] = cp.to_json()
+            lines.append(f"checkpoint of {cp.time}: seq {cp.seq} {cp.head} is still there")
+        if args.peer is not None:
+            peer = check_peer(ledger, args.peer, lambda site: peer_keys(home, site))
+            doc["peer"] = peer.to_json()
+            lines.append(f"peer {peer.peer}: {peer.received} transfers in, {peer.sent} out, "
+                         "recorded at both ends")
+    emit(args, doc, lambda: console.print("\n".join(lines)))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    with open_ledger(home_of(args), args.ledger_url) as ledger:
+        count = ledger.export(args.out)
+    doc = {"out": str(args.out), "records": count}
+    emit(args, doc, lambda: console.print(f"{count} records written to {args.out}"))
+    return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    with open_ledger(home, args.ledger_url) as ledger:
+        cp = ledger.checkpoint(site_signer(home), args.out)
+    doc = {"out": str(args.out), **cp.to_json()}
+    emit(args, doc, lambda: console.print(
+        f"checkpoint of {cp.site} at seq {cp.seq} ({cp.head}) written to {args.out}; keep "
+        "it outside this site"))
+    return 0
