@@ -24,8 +24,12 @@ from registry.audit.policy import load_policy
 from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig
 from registry.store import ModelStore
+from transfer.exchange import create_bundle, receive_bundle
+from transfer.identity import PublicIdentity, init_site
+from transfer.trust import TrustStore
 
 MODEL_NAME = "pmsi-coder"
+SITE_X, SITE_Y = "CHU-X", "CH-Y"
 CANARIES = 10
 PURPOSE = "PMSI coding assistance: suggest the main CIM-10 diagnosis of a stay"
 LEGAL_BASIS = ("GDPR art. 6(1)(e) public interest task; art. 9(2)(h) health care "
@@ -38,13 +42,15 @@ def add_to(sub: Subparsers) -> None:
         "Generate site X's and site Y's synthetic corpora, train the reference PMSI coder at X\n"
         "(accuracy on X's held-out patients and on Y), register it in X's MLflow registry\n"
         "(SQLite under WORKDIR/site-x), audit it for memorised patient data (membership\n"
-        "inference, canaries, identifier scan) and export it to ONNX through the gate.\n"
+        "inference, canaries, identifier scan) and export it to ONNX through the gate;\n"
+        "then create both sites' identities, pin each other's key, sign and encrypt the\n"
+        "model for site Y and receive it there (SQLite registry under WORKDIR/site-y).\n"
         "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).",
     )
     p.add_argument("--workdir", type=Path, metavar="DIR")
     p.add_argument("--stays-x", type=positive_int, default=20000, metavar="N")
     p.add_argument("--stays-y", type=positive_int, default=6000, metavar="N")
-    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=2026)
 
 
@@ -64,7 +70,7 @@ def demo(args: argparse.Namespace) -> int:
     steps.generate_corpus("X", args.stays_x, args.seed, CANARIES, data_x)
     steps.generate_corpus("Y", args.stays_y, args.seed + 1, 0, data_y)
     timings["generate"] = time.perf_counter() - t
-    say(f"[1/5] generated {args.stays_x} stays at site X (+{CANARIES} canary patients) and "
+    say(f"[1/7] generated {args.stays_x} stays at site X (+{CANARIES} canary patients) and "
         f"{args.stays_y} at site Y in {work / 'data'}")
 
     t = time.perf_counter()
@@ -73,7 +79,7 @@ def demo(args: argparse.Namespace) -> int:
                                    CoderConfig(epochs=args.epochs, seed=args.seed), [data_y],
                                    progress)
     timings["train"] = time.perf_counter() - t
-    say(f"[2/5] trained the PMSI coder at site X ({report.classes} codes, vocabulary "
+    say(f"[2/7] trained the PMSI coder at site X ({report.classes} codes, vocabulary "
         f"{report.vocabulary_size} tokens)")
     if not args.json:
         _print_accuracy(report)
@@ -83,14 +89,14 @@ def demo(args: argparse.Namespace) -> int:
     info = steps.register_model(store, report.out_dir, MODEL_NAME, PURPOSE, LEGAL_BASIS,
                                 data_x, "CHU de site X (demo)")
     timings["register"] = time.perf_counter() - t
-    say(f"[3/5] registered {info.ref} in site X's registry {store.display_uri}")
+    say(f"[3/7] registered {info.ref} in site X's registry {store.display_uri}")
 
     t = time.perf_counter()
     with progress_bar(args) as progress:
         audit = steps.audit_model(store, info.ref, data_x, data_x, load_policy(),
                                   work / "audit", progress, args.seed)
     timings["audit"] = time.perf_counter() - t
-    say(f"[4/5] audited {info.ref}: verdict {audit.verdict} under policy "
+    say(f"[4/7] audited {info.ref}: verdict {audit.verdict} under policy "
         f"{audit.policy_name} ({audit.members} member / {audit.nonmembers} non-member "
         f"patients, {audit.reference_models} reference models); report in {audit.report_dir}")
     if not args.json:
@@ -101,9 +107,32 @@ def demo(args: argparse.Namespace) -> int:
     export = steps.export_model(store, info.ref, out)
     timings["export"] = time.perf_counter() - t
     p = export.parity
-    say(f"[5/5] exported {info.ref} to ONNX in {export.directory}: parity on {p.inputs} "
+    say(f"[5/7] exported {info.ref} to ONNX in {export.directory}: parity on {p.inputs} "
         f"held-out inputs, max |logit diff| {p.max_abs_diff:.2e} (limit {p.tolerance:g}), "
         f"top-1 agreement {p.top1_agreement:.0%}")
+
+    t = time.perf_counter()
+    home_y = work / "site-y"
+    identities = work / "identities"
+    identities.mkdir()
+    for home, name in ((store.home, SITE_X), (home_y, SITE_Y)):
+        public = init_site(home, name)
+        (identities / f"{name}.json").write_text(json.dumps(public.to_json(), indent=1) + "\n")
+    TrustStore(store.home).add(PublicIdentity.from_file(identities / f"{SITE_Y}.json"))
+    TrustStore(home_y).add(PublicIdentity.from_file(identities / f"{SITE_X}.json"))
+    timings["sites"] = time.perf_counter() - t
+    say(f"[6/7] created the identities of {SITE_X} and {SITE_Y} (keys 0600 under each home) "
+        f"and pinned each other's key; public identity files in {identities}")
+
+    t = time.perf_counter()
+    bundle_path = work / "transfer" / f"{MODEL_NAME}-v{info.ref.version}.bundle"
+    bundle_path.parent.mkdir()
+    created = create_bundle(store.home, store, info.ref, [SITE_Y], bundle_path)
+    received = receive_bundle(bundle_path, home_y, ModelStore(home_y))
+    timings["transfer"] = time.perf_counter() - t
+    say(f"[7/7] {SITE_X} signed and encrypted {info.ref} for {SITE_Y} ({bundle_path}, "
+        f"{created.size} bytes, {created.digest}); {SITE_Y} verified and received it as "
+        f"{received.version.ref} in its own registry, installed in {received.directory}")
 
     summary = {
         "workdir": str(work),
@@ -117,6 +146,9 @@ def demo(args: argparse.Namespace) -> int:
         "parity": p.__dict__,
         "audit": {"verdict": audit.verdict, "report": str(audit.report_dir),
                   "failed": [c.name for c in audit.failed]},
+        "bundle": {"path": str(bundle_path), "digest": created.digest,
+                   "received_as": str(received.version.ref),
+                   "installed": str(received.directory)},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (work / "demo-summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -53,7 +53,7 @@ def _add_train(group: Subparsers) -> None:
     p.add_argument("--arch", choices=[a.value for a in Architecture],
                    default=Architecture.EMBEDDING_MEAN.value,
                    help="embedding-mean (Keras, default) or logreg (scikit-learn)")
-    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=4)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--learning-rate", type=positive_float, default=5e-3)
     p.add_argument("--embedding-dim", type=positive_int, default=64)
