@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -207,9 +207,7 @@ def _reference_models(
     for k in range(count):
         in_mask[k] = assignment[k, column]
         half = pool.subset(np.flatnonzero(in_mask[k]).tolist())
-        coder = fit_coder(half, CoderConfig(**{**asdict(config), "seed": config.seed + k + 1,
-                                              "architecture": config.architecture,
-                                              "vocabulary": config.vocabulary}))
+        coder = fit_coder(half, replace(config, seed=config.seed + k + 1))
         probs = coder_probabilities(coder, list(pool.sections))
         ref_p[k] = true_label_probability(probs, coder.codes, pool.codes)
         if progress:
