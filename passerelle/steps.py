@@ -13,7 +13,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from adapters.finetune import FinetuneOptions, FinetuneResult, finetune_version
 from passerelle.corpus import (
     Corpus,
     generate,
@@ -22,9 +26,10 @@ from passerelle.corpus import (
     read_corpus,
     write_corpus,
 )
+from passerelle.digests import sha256_file
 from passerelle.errors import BadInput
 from registry.audit.policy import Policy
-from registry.audit.runner import AuditResult, audit_version, log_audit
+from registry.audit.runner import REPORT_FILE, ROC_FILE, AuditResult, audit_version, log_audit
 from registry.coder import (
     Accuracy,
     CoderConfig,
@@ -36,7 +41,9 @@ from registry.coder import (
 )
 from registry.export import OnnxExport, Override, export_version
 from registry.model_dir import open_model_dir
-from registry.store import ModelStore, PrivacyUnit, Provenance, VersionInfo, VersionRef
+from registry.store import TAG, ModelStore, PrivacyUnit, Provenance, VersionInfo, VersionRef
+from transfer.acts import Recorder, recorder, subject
+from transfer.records import RecordKind
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,19 @@ def register_model(
         privacy_unit=privacy_unit,
         dataset_fingerprint=recorded,
     )
-    return store.register(model_dir, name, provenance)
+    with recorder(store.home) as rec:
+        def record(info: VersionInfo) -> None:
+            rec.record(RecordKind.MODEL_REGISTERED,
+                       subject("model", str(info.ref), model_dir.digest)
+                       + subject("dataset", site, recorded or None),
+                       {"model": name, "version": info.ref.version, "purpose": purpose,
+                        "legal_basis": legal_basis,
+                        "data_controller": provenance.data_controller,
+                        "training_site": site, "privacy_unit": privacy_unit.value,
+                        "dataset_fingerprint": recorded,
+                        "model_dir_digest": model_dir.digest})
+
+        return store.register(model_dir, name, provenance, record)
 
 
 def export_model(store: ModelStore, ref: VersionRef, out: Path,
@@ -123,7 +142,22 @@ def export_model(store: ModelStore, ref: VersionRef, out: Path,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not an empty directory")
     make_parent(out)
-    return export_version(store, ref, out, override)
+    with recorder(store.home) as rec:
+        def record(export: OnnxExport, gate: str) -> None:
+            subjects = subject("onnx", str(export.ref), export.onnx_digest)
+            fields: dict[str, object] = {
+                "model": export.ref.name, "version": export.ref.version,
+                "onnx_digest": export.onnx_digest, "gate": gate}
+            if override is not None and not gate.startswith("audit PASS"):
+                info = store.get(export.ref)
+                fields.update(approver=override.approver,
+                              justification=override.justification,
+                              audit_verdict=info.tags.get(TAG + "audit.verdict", "none"))
+                rec.record(RecordKind.EXPORT_OVERRIDE, subjects, fields)
+            else:
+                rec.record(RecordKind.EXPORT, subjects, fields)
+
+        return export_version(store, ref, out, override, record)
 
 
 def audit_model(
@@ -133,15 +167,46 @@ def audit_model(
     """Run the audit in a private workspace, log it on the version, keep the report in
     ``out``. Bad input is found before anything is logged."""
     _check_new_dir(out)
-    with _new_dir(out) as tmp:
+    with recorder(store.home) as rec, _new_dir(out) as tmp:
         result = audit_version(store, ref, members, nonmembers, policy, tmp / "work",
                                progress, seed)
         report = tmp / "work" / "audit"
+        _record_audit(rec, result, report)  # first: an unrecorded verdict is not logged
         log_audit(store, result)
         for item in report.iterdir():
             item.rename(tmp / item.name)
         shutil.rmtree(tmp / "work")
     return replace(result, report_dir=out)
+
+
+def _record_audit(rec: Recorder, result: AuditResult, report: Path) -> None:
+    """The ``audit_verdict`` record: verdict, failed criteria, and what it speaks of."""
+    files = {name: sha256_file(report / name) for name in (REPORT_FILE, ROC_FILE)
+             if (report / name).is_file()}
+    rec.record(RecordKind.AUDIT_VERDICT,
+               subject("onnx", str(result.ref), result.onnx_digest)
+               + subject("audit-report", str(result.ref), files.get(REPORT_FILE))
+               + subject("policy", result.policy_name, result.policy_digest),
+               {"model": result.ref.name, "version": result.ref.version,
+                "verdict": result.verdict,
+                "failed": [c.name for c in result.failed],
+                "onnx_digest": result.onnx_digest, "policy": result.policy_name,
+                "policy_digest": result.policy_digest,
+                "report_digest": files.get(REPORT_FILE),
+                "roc_digest": files.get(ROC_FILE),
+                "privacy_unit": result.privacy_unit})
+
+
+def finetune_options(**kwargs: Any) -> FinetuneOptions:
+    """The fine-tuning options; bad values are BadInput."""
+    return FinetuneOptions(**kwargs)
+
+
+def finetune_model(store: ModelStore, ref: VersionRef, data: Path, options: FinetuneOptions,
+                   rng: np.random.Generator | None = None,
+                   progress: Progress | None = None) -> FinetuneResult:
+    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune)."""
+    return finetune_version(store, ref, data, options, rng, progress)
 
 
 def _check_new_dir(out: Path) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -209,9 +209,15 @@ def check_gate(store: ModelStore, export: OnnxExport, override: Override | None)
 
 
 def export_version(store: ModelStore, ref: VersionRef, out_dir: Path,
-                   override: Override | None = None) -> OnnxExport:
+                   override: Override | None = None,
+                   before_publish: Callable[[OnnxExport, str], None] | None = None
+                   ) -> OnnxExport:
     """Convert (or reuse the logged conversion), pass the gate, then move the shippable
-    directory to ``out_dir`` atomically."""
+    directory to ``out_dir`` atomically.
+
+    ``before_publish(export, gate)`` runs after the gate passed and before the directory
+    is moved into place (the ledger records the export there); if it raises, nothing is
+    written."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BadInput(f"{out_dir}: exists and is not an empty directory")
     parent = out_dir.resolve().parent
@@ -219,7 +225,9 @@ def export_version(store: ModelStore, ref: VersionRef, out_dir: Path,
         raise BadInput(f"{parent}: no such directory")
     with _workspace(parent) as work:
         export = shippable(store, ref, work / "onnx")
-        check_gate(store, export, override)
+        gate = check_gate(store, export, override)
+        if before_publish is not None:
+            before_publish(export, gate)
         if out_dir.exists():
             out_dir.rmdir()
         export.directory.rename(out_dir)

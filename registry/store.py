@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -135,11 +135,13 @@ class ModelStore:
                     )
         return str(self._experiment_id)
 
-    def register(self, model_dir: ModelDir, name: str, provenance: Provenance) -> VersionInfo:
+    def register(self, model_dir: ModelDir, name: str, provenance: Provenance,
+                 on_registered: Callable[[VersionInfo], None] | None = None) -> VersionInfo:
         """Log the model directory in a run and make it a new version of ``name``.
 
-        On any failure the run (and a registered model this call created) is deleted,
-        so the registry is as it was.
+        ``on_registered(version)`` runs last (the ledger records the act there). On any
+        failure, its own included, the run, the version (and a registered model this call
+        created) are deleted, so the registry is as it was.
         """
         if not _NAME.match(name):
             raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
@@ -149,6 +151,7 @@ class ModelStore:
         client = self._client
         created_model = False
         run_id = None
+        version: str | None = None
         try:
             with _store_errors(self.uri):
                 run = client.create_run(experiment, run_name=f"register-{name}")
@@ -173,13 +176,19 @@ class ModelStore:
                 mv = client.create_model_version(
                     name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags
                 )
+                version = str(mv.version)
+            info = self.get(VersionRef(name, version))
+            if on_registered is not None:
+                on_registered(info)
         except BaseException:
-            self._undo_register(run_id, name if created_model else None)
+            self._undo_register(run_id, name if created_model else None,
+                                None if created_model else (name, version))
             raise
-        return self.get(VersionRef(name, str(mv.version)))
+        return info
 
-    def register_received(self, model_dir: Path, name: str,
-                          tags: Mapping[str, str]) -> VersionInfo:
+    def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
+                          on_registered: Callable[[VersionInfo], None] | None = None
+                          ) -> VersionInfo:
         """Register a model received from another site: a new run logging ``model_dir``
         under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage).
 
@@ -193,6 +202,7 @@ class ModelStore:
         client = self._client
         created_model = False
         run_id = None
+        version: str | None = None
         try:
             with _store_errors(self.uri):
                 run = client.create_run(experiment, run_name=f"receive-{name}")
@@ -209,13 +219,21 @@ class ModelStore:
                 mv = client.create_model_version(
                     name, source=f"{run.info.artifact_uri}/onnx", run_id=run_id,
                     tags=dict(tags))
+                version = str(mv.version)
+            info = self.get(VersionRef(name, version))
+            if on_registered is not None:
+                on_registered(info)
         except BaseException:
-            self._undo_register(run_id, name if created_model else None)
+            self._undo_register(run_id, name if created_model else None,
+                                None if created_model else (name, version))
             raise
-        return self.get(VersionRef(name, str(mv.version)))
+        return info
 
-    def _undo_register(self, run_id: str | None, model_name: str | None) -> None:
+    def _undo_register(self, run_id: str | None, model_name: str | None,
+                       version: tuple[str, str | None] | None = None) -> None:
         try:
+            if version is not None and version[1] is not None:
+                self._client.delete_model_version(version[0], version[1])
             if model_name is not None:
                 self._client.delete_registered_model(model_name)
             if run_id is not None:

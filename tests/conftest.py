@@ -143,15 +143,22 @@ def mlflow_server(postgres_db: str, tmp_path_factory: pytest.TempPathFactory) ->
         log.close()
 
 
+_screenshots: list[str] = []  # record_property("screenshot", path), also from xdist workers
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _postgres_tests_run
     if report.when == "call" and report.passed and "postgres" in report.keywords:
         _postgres_tests_run += 1
+    if report.when == "call":
+        _screenshots.extend(str(v) for k, v in report.user_properties if k == "screenshot")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.write_line(f"postgres-marked tests passed in this process: "
                                 f"{_postgres_tests_run}")
+    for path in _screenshots:
+        terminalreporter.write_line(f"report screenshot: {path}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

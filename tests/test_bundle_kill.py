@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from registry.store import ModelStore
-from tests.transfer_support import forge, make_site, ship_dir, trust
+from tests.transfer_support import LEDGER_FILES, forge, make_site, ship_dir, trust
 from transfer.bundle import SLEEP_AFTER_DECRYPT_ENV
 from transfer.exchange import verify_bundle
 
@@ -52,7 +52,8 @@ def test_receive_killed_after_decryption_leaves_no_plaintext(tmp_path: Path) -> 
         assert all(stat.S_IMODE(d.stat().st_mode) == 0o700
                    for d in p.parents if area in d.parents or d == area)
     outside = {p.relative_to(y.home).parts[0] for p in leftovers if p not in plaintext}
-    assert outside <= {"identity", "trust.json", ".receiving.lock", "mlflow.db"}, outside
+    assert outside <= {"identity", "trust.json", ".receiving.lock", "mlflow.db",
+                       *LEDGER_FILES}, outside
     assert not (y.home / "received").exists()
     assert ModelStore(y.home).client.search_registered_models() == []
 

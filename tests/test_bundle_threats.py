@@ -304,7 +304,9 @@ def test_bundle_from_a_passphrase_protected_site_is_received(
     secret = "phrase for X"  # noqa: S105 - a test passphrase
     x = make_site(tmp_path, "X", passphrase=secret)
     y = make_site(tmp_path, "Y")
+    monkeypatch.setenv("PASSERELLE_PASSPHRASE", secret)  # X signs its trust record
     trust(x, y)
+    monkeypatch.delenv("PASSERELLE_PASSPHRASE")
     trust(y, x)
     bundle = forge(tmp_path / "b", x, [y], ship_dir(tmp_path))
     assert secret.encode() not in bundle.read_bytes()

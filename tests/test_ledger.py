@@ -250,7 +250,7 @@ def _two_sites(root: Path) -> tuple[Path, Path, Record, Record]:
     """X sends a bundle to Y; Y receives it, naming X's record. Both trust each other."""
     x, y = make_site(root, "X"), make_site(root, "Y")
     for home, other in ((x, y), (y, x)):
-        TrustStore(home).add(load_site(other).public)
+        TrustStore(home).add(load_site(other).public)  # appends trust_added (seq 0)
     append(x, RecordKind.MODEL_REGISTERED, {"model": "m", "version": "1"})
     created = append(x, RecordKind.BUNDLE_CREATED, bundle_created_fields(
         to=["Y"], model="m", version="1", bundle="sha256:" + "c" * 64))
@@ -275,7 +275,7 @@ def test_truncation_is_detected_against_a_peer_export(
     # Y drops its newest record (the receipt): still a valid chain, but X's export
     # shows a bundle addressed to Y that Y has no record of.
     with stored(y) as db:
-        db.execute("DELETE FROM ledger_records WHERE seq = 1")
+        db.execute("DELETE FROM ledger_records WHERE seq = ?", (received.seq,))
     assert cli(capsys, y, "verify")[0] == 0
     code, _, err = cli(capsys, y, "verify", "--peer", str(x_export))
     assert code == 1 and created.id in err and "no bundle_received" in err, err
@@ -286,12 +286,12 @@ def test_truncation_is_detected_against_a_peer_export(
 
     # X drops its bundle_created: Y's receipt names a record X's export lacks.
     with stored(x) as db:
-        db.execute("DELETE FROM ledger_records WHERE seq = 1")
+        db.execute("DELETE FROM ledger_records WHERE seq = ?", (created.seq,))
     assert cli(capsys, x, "export", "--out", str(x_export))[0] == 0
     with stored(y) as db:  # put Y's receipt back
-        db.execute("INSERT INTO ledger_records VALUES ('Y', 1, ?, ?, ?, ?, ?)",
-                   (received.id, received.prev, received.kind.value, received.time,
-                    received.envelope))
+        db.execute("INSERT INTO ledger_records VALUES ('Y', ?, ?, ?, ?, ?, ?)",
+                   (received.seq, received.id, received.prev, received.kind.value,
+                    received.time, received.envelope))
     code, _, err = cli(capsys, y, "verify", "--peer", str(x_export))
     assert code == 1 and "X's ledger lacks" in err, err
 

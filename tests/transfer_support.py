@@ -196,8 +196,9 @@ def payload_of(bundle: Path, out: Path) -> Path:
     return out
 
 
+LEDGER_FILES = {"ledger.db", "ledger.db-wal", "ledger.db-shm"}  # the site's ledger
 ALLOWED_AT_HOME = {"identity", "trust.json", "transfer", ".receiving", ".receiving.lock",
-                   "mlflow.db", "mlartifacts", "received"}
+                   "mlflow.db", "mlartifacts", "received", *LEDGER_FILES}
 
 
 def assert_no_plaintext(home: Path, registry_empty: bool = True) -> None:

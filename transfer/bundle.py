@@ -44,7 +44,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -227,8 +227,15 @@ def encrypt(plain: Path, recipients: Sequence[str], out: Path) -> tuple[str, int
     return "sha256:" + writer.hash.hexdigest(), writer.size
 
 
+LedgerHook = Callable[[str, int], str | None]
+"""Called with the payload's digest and size once it is encrypted, before the header is
+signed and the bundle written; returns the id of the ``bundle_created`` ledger record to
+carry in the header (or None: no ledger). If it raises, no bundle is written."""
+
+
 def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
-         recipients: Sequence[PublicIdentity], out: Path, work: Path) -> str:
+         recipients: Sequence[PublicIdentity], out: Path, work: Path,
+         ledger_hook: LedgerHook | None = None) -> str:
     """Pack ``staged``, encrypt it to ``recipients``, write the signed bundle ``out``."""
     tar = work / "payload.tar"
     with tar.open("wb") as f:
@@ -236,7 +243,9 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
     cipher = work / "payload.age"
     digest, size = encrypt(tar, [r.age_recipient for r in recipients], cipher)
     tar.unlink()
-    return write_bundle(out, Header(transfer, digest, size), identity.signing_key, cipher)
+    record = ledger_hook(digest, size) if ledger_hook is not None else None
+    return write_bundle(out, Header(transfer, digest, size, record), identity.signing_key,
+                        cipher)
 
 
 def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], model: str,
@@ -253,13 +262,14 @@ def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], 
 
 
 def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStatement,
-                     recipients: Sequence[PublicIdentity], out: Path) -> str:
+                     recipients: Sequence[PublicIdentity], out: Path,
+                     ledger_hook: LedgerHook | None = None) -> str:
     """Stage, sign, pack, encrypt and write a bundle of the shippable folder ``ship``."""
     if not (ship / ONNX_FILE).is_file():
         raise MalformedBundle(f"{ship}: no {ONNX_FILE} to ship")
     with private_workspace(out.resolve().parent, ".passerelle-bundle-") as work:
         staged = stage(identity, ship, statement, work)
-        return seal(identity, staged, statement.transfer, recipients, out, work)
+        return seal(identity, staged, statement.transfer, recipients, out, work, ledger_hook)
 
 
 def next_sequence(home: Path, model: str) -> int:

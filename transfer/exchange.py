@@ -14,33 +14,37 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from passerelle.digests import sha256_file
-from passerelle.errors import BadInput, GateRefused
+from passerelle.digests import canonical_json, sha256_bytes, sha256_file
+from passerelle.errors import BadInput, GateRefused, PasserelleError, Refused
 from registry.export import shippable
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
+from transfer.acts import Recorder, recorder, subject
 from transfer.archive import Limits
 from transfer.bundle import (
     DEFAULT_VALIDITY,
     MODEL_DIR,
     ONNX_FILE,
     SIGNATURE_FILE,
+    VerifiedBundle,
     bundle_directory,
     check_envelope,
     make_transfer,
     next_sequence,
     open_bundle,
     private_workspace,
+    read_envelope,
     record_received,
     record_sent,
 )
 from transfer.errors import DigestMismatch
-from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity
+from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity, verify
+from transfer.records import RecordKind, Subject, bundle_arrived_fields, bundle_created_fields
 from transfer.statement import Header, TransferStatement
 from transfer.trust import TrustStore
 
@@ -121,7 +125,8 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
     trust = TrustStore(home)
     recipients = [trust.recipient(site) for site in dict.fromkeys(to)]
     store.get(ref)  # an unknown version is bad input before any work
-    with private_workspace(out.resolve().parent, ".passerelle-create-") as work:
+    with recorder(home, identity) as rec, \
+            private_workspace(out.resolve().parent, ".passerelle-create-") as work:
         export = shippable(store, ref, work / "onnx")  # digest re-checked, or converted
         info = store.get(ref)  # the tags as they are now
         verdict = export_gate(info, export.onnx_digest)
@@ -136,9 +141,39 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
             purpose=info.tags.get(TAG + "purpose", ""),
             legal_basis=info.tags.get(TAG + "legal_basis", ""),
             audit_verdict=verdict, onnx_digest=export.onnx_digest)
-        digest = bundle_directory(identity, ship, statement, recipients, out)
+        digest = bundle_directory(identity, ship, statement, recipients, out,
+                                  _created_hook(rec, statement, info))
     record_sent(home, ref.name, sequence)
     return CreatedBundle(out, digest, statement, out.stat().st_size)
+
+
+def _created_hook(rec: Recorder, statement: TransferStatement,
+                  info: VersionInfo) -> Callable[[str, int], str | None]:
+    """Append ``bundle_created`` (naming the encrypted payload) before the header is
+    signed; its id goes into the header (see :class:`transfer.statement.Header`)."""
+    t = statement.transfer
+    statement_digest = sha256_bytes(canonical_json(statement.to_json()))
+
+    def hook(payload_digest: str, payload_size: int) -> str | None:
+        record = rec.record(
+            RecordKind.BUNDLE_CREATED,
+            subject("bundle-payload", f"{t.model}/{t.version}#{t.sequence}", payload_digest)
+            + subject("onnx", f"{t.model}/{t.version}", statement.onnx_digest)
+            + subject("transfer-statement", f"{t.model}/{t.version}#{t.sequence}",
+                      statement_digest)
+            + subject("model", f"{t.model}/{t.version}",
+                      info.tags.get(TAG + "model_dir_digest")),
+            bundle_created_fields(
+                to=[r.site for r in t.recipients], model=t.model, version=t.version,
+                bundle=payload_digest, payload_size=payload_size, sequence=t.sequence,
+                recipients=[r.to_json() for r in t.recipients], created=t.created,
+                expires=t.expires, purpose=statement.purpose,
+                legal_basis=statement.legal_basis, audit_verdict=statement.audit_verdict,
+                onnx_digest=statement.onnx_digest, statement_digest=statement_digest,
+                model_dir_digest=info.tags.get(TAG + "model_dir_digest")))
+        return None if record is None else record.id
+
+    return hook
 
 
 def verify_bundle(path: Path, home: Path, now: datetime | None = None,
@@ -158,23 +193,91 @@ def receive_bundle(path: Path, home: Path, store: ModelStore, now: datetime | No
                    identity: SiteIdentity | None = None) -> ReceivedModel:
     """``bundle receive``: verify, install atomically, register with lineage tags."""
     me = identity or load_site(home)
-    with open_bundle(path, home, me, now, limits) as vb:
-        t = vb.statement.transfer
-        dest = home / RECEIVED_DIR / t.sender.site / t.model / f"{t.version}-{t.sequence}"
-        if dest.exists():
-            # Only a receive of this very bundle that died before recording it (the
-            # rollback check passed) can have left it: replace it.
-            shutil.rmtree(dest)
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.rename(vb.root, dest)
+    with recorder(home, me) as rec:
         try:
-            version = store.register_received(dest / MODEL_DIR, t.model,
-                                              _lineage_tags(vb.statement, vb.bundle_digest))
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
+            with open_bundle(path, home, me, now, limits) as vb:
+                t = vb.statement.transfer
+                dest = (home / RECEIVED_DIR / t.sender.site / t.model /
+                        f"{t.version}-{t.sequence}")
+                if dest.exists():
+                    # Only a receive of this very bundle that died before recording it
+                    # (the rollback check passed) can have left it: replace it.
+                    shutil.rmtree(dest)
+                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.rename(vb.root, dest)
+                try:
+                    version = store.register_received(
+                        dest / MODEL_DIR, t.model, _lineage_tags(vb.statement, vb.bundle_digest),
+                        lambda info: _record_received(rec, vb, info))
+                except BaseException:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    raise
+                record_received(home, t)
+        except Refused as e:
+            _record_refused(rec, path, home, me, e)
             raise
-        record_received(home, t)
     return ReceivedModel(version, dest, vb.statement, vb.bundle_digest)
+
+
+def _record_received(rec: Recorder, vb: VerifiedBundle, info: VersionInfo) -> None:
+    """``bundle_received``: who sent what, the sender's record, where it was registered."""
+    t = vb.statement.transfer
+    rec.record(
+        RecordKind.BUNDLE_RECEIVED,
+        subject("bundle", f"{t.sender.site}:{t.model}/{t.version}#{t.sequence}",
+                vb.bundle_digest)
+        + subject("bundle-payload", f"{t.model}/{t.version}#{t.sequence}",
+                  vb.header.payload_digest)
+        + subject("onnx", str(info.ref), vb.statement.onnx_digest)
+        + subject("key", t.sender.site, t.sender.fingerprint),
+        bundle_arrived_fields(
+            sender=t.sender.site, peer_record=vb.header.ledger_record, model=t.model,
+            version=t.version, bundle=vb.header.payload_digest, bundle_file=vb.bundle_digest,
+            sequence=t.sequence, sender_fingerprint=t.sender.fingerprint,
+            local_model=info.ref.name, local_version=info.ref.version,
+            onnx_digest=vb.statement.onnx_digest, audit_verdict=vb.statement.audit_verdict,
+            purpose=vb.statement.purpose, legal_basis=vb.statement.legal_basis))
+
+
+def _record_refused(rec: Recorder, path: Path, home: Path, me: SiteIdentity,
+                    error: Refused) -> None:
+    """``bundle_refused`` with the reason. The sender and its ``bundle_created`` record
+    are named (``from``, ``peer_record``) only when the outer header is authentic (signed
+    by a trusted key) and addressed to this site; otherwise what the header claims is
+    kept as ``claimed_from``, which ``records verify --peer`` does not match."""
+    if not rec.enabled:
+        return
+    fields: dict[str, Any] = {"reason": " ".join(str(error).split())[:2000],
+                              "check": type(error).__name__}
+    subjects: list[Subject] = []
+    try:
+        digest = sha256_file(path)
+        fields["bundle_file"] = digest
+        subjects += subject("bundle", path.name, digest)
+    except OSError:
+        pass
+    try:
+        env = read_envelope(path)
+        t = env.header.transfer
+        fields["claimed_from"] = t.sender.site
+        fields["sequence"] = t.sequence
+        sender = TrustStore(home).sender(t.sender.fingerprint, t.sender.site)
+        verify(sender.public_key, canonical_json(env.header_doc), env.signature, "header")
+    except PasserelleError:
+        if "claimed_from" in fields:  # unauthenticated: kept apart from model/version
+            fields.update(claimed_model=t.model, claimed_version=t.version)
+        rec.record(RecordKind.BUNDLE_REFUSED, subjects, fields)
+        return
+    if not t.names(me.fingerprint):
+        fields.update(claimed_model=t.model, claimed_version=t.version)
+    else:
+        fields = bundle_arrived_fields(
+            sender=t.sender.site, peer_record=env.header.ledger_record, model=t.model,
+            version=t.version, bundle=env.header.payload_digest,
+            sender_fingerprint=t.sender.fingerprint, **fields)
+        subjects += subject("bundle-payload", f"{t.model}/{t.version}#{t.sequence}",
+                            env.header.payload_digest)
+    rec.record(RecordKind.BUNDLE_REFUSED, subjects, fields)
 
 
 def _lineage_tags(statement: TransferStatement, bundle_digest: str) -> dict[str, str]:

@@ -273,6 +273,7 @@ def rotate_site(home: Path, passphrase: str | None = None,
         for name in (PUBLIC_FILE, SIGNING_KEY_FILE, AGE_PLAIN_FILE, AGE_SEALED_FILE):
             if (target / name).exists():
                 shutil.copy2(target / name, keep / name)
+        _record_rotation(home, current, public)  # signed by the key being retired
         stale = home / f".identity-old-{os.getpid()}"
         os.rename(target, stale)
         os.rename(work, target)
@@ -281,6 +282,19 @@ def rotate_site(home: Path, passphrase: str | None = None,
         shutil.rmtree(work, ignore_errors=True)
         raise
     return public
+
+
+def _record_rotation(home: Path, current: SiteIdentity, new: PublicIdentity) -> None:
+    """Append the ``trust_rotated`` record of this site's own rotation (before the swap)."""
+    from transfer.acts import recorder, subject
+    from transfer.records import RecordKind
+
+    with recorder(home, current) as rec:
+        rec.record(RecordKind.TRUST_ROTATED,
+                   subject("key", new.site, new.fingerprint)
+                   + subject("key", f"{new.site}/previous", current.fingerprint),
+                   {"peer": new.site, "fingerprint": new.fingerprint,
+                    "previous_fingerprint": current.fingerprint, "own_key": True})
 
 
 def _write_keys(work: Path, site: SiteName, passphrase: str | None, now: datetime | None,

@@ -55,3 +55,7 @@ class NotALedgerExport(BadInput):
 
 class LedgerSigningError(BadInput):
     """No usable signing key for appending to the ledger."""
+
+
+class ActNotRecorded(BadInput):
+    """An act could not be appended to the site's ledger (the command fails)."""

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from passerelle.errors import ModelNotFound
+from registry.store import TAG, ModelStore, VersionInfo, VersionRef, default_tracking_uri
 from transfer.identity import (
     PUBLIC_FILE,
     PublicIdentity,
@@ -19,7 +21,7 @@ from transfer.identity import (
     load_site,
     public_identity,
 )
-from transfer.ledger import Ledger, ledger_url
+from transfer.ledger import DigestChecker, Ledger, ledger_url
 from transfer.records import EcdsaSigner, KeyRing, Record, RecordKind, Subject
 from transfer.trust import Status, TrustStore
 
@@ -56,3 +58,64 @@ def append_record(home: Path, kind: RecordKind, subjects: Sequence[Subject],
     signer = site_signer(home)
     with open_ledger(home, url) as ledger:
         return ledger.append(kind, subjects, fields, signer)
+
+
+# -- digests against the site's MLflow store ------------------------------------------
+
+DIGEST_TAGS = {"model_dir_digest": TAG + "model_dir_digest", "onnx_digest": TAG + "onnx_digest"}
+"""Record field -> MLflow version tag that must still say the same digest."""
+
+
+def _version_of(record: Record) -> VersionRef | None:
+    """The version of this site's registry a record speaks of, if any."""
+    if record.kind is RecordKind.BUNDLE_REFUSED:
+        return None  # nothing was registered
+    if record.kind is RecordKind.BUNDLE_RECEIVED:
+        name, version = record.fields.get("local_model"), record.fields.get("local_version")
+    else:
+        name, version = record.fields.get("model"), record.fields.get("version")
+    if not isinstance(name, str) or not isinstance(version, str):
+        return None
+    try:
+        return VersionRef(name, version)
+    except (ValueError, TypeError):
+        return None
+
+
+def mlflow_digest_checker(home: Path, store: ModelStore | None = None) -> DigestChecker:
+    """A ``digest_checker`` comparing a record's model-directory and ONNX digests with
+    the tags of the version in this site's MLflow store, where that version still
+    exists. Without an MLflow store at all (no ``mlflow.db``, no tracking URI), nothing
+    is compared."""
+    found: dict[VersionRef, VersionInfo | None] = {}
+    stores: list[ModelStore] = [store] if store is not None else []
+
+    def lookup(ref: VersionRef) -> VersionInfo | None:
+        if ref not in found:
+            if not stores:
+                uri = default_tracking_uri(home)
+                if uri == f"sqlite:///{home.resolve() / 'mlflow.db'}" and \
+                        not (home / "mlflow.db").is_file():
+                    return None
+                stores.append(ModelStore(home))
+            try:
+                found[ref] = stores[0].get(ref)
+            except ModelNotFound:
+                found[ref] = None
+        return found[ref]
+
+    def check(record: Record) -> str | None:
+        if not any(isinstance(record.fields.get(f), str) for f in DIGEST_TAGS):
+            return None
+        ref = _version_of(record)
+        info = None if ref is None else lookup(ref)
+        if info is None:
+            return None
+        for field, tag in DIGEST_TAGS.items():
+            named, stored = record.fields.get(field), info.tags.get(tag)
+            if isinstance(named, str) and stored is not None and stored != named:
+                return (f"{field} {named} differs from {stored}, the digest MLflow now holds "
+                        f"for {ref}")
+        return None
+
+    return check

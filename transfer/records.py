@@ -390,14 +390,16 @@ def bundle_created_fields(*, to: list[str], model: str, version: str, bundle: st
     return {**extra, "to": sorted(to), "model": model, "version": version, "bundle": bundle}
 
 
-def bundle_arrived_fields(*, sender: str, peer_record: str, model: str, version: str,
+def bundle_arrived_fields(*, sender: str, peer_record: str | None, model: str, version: str,
                           bundle: str, **extra: Any) -> dict[str, Any]:
     """Fields of a ``bundle_received``/``bundle_refused`` record (add ``reason`` if refused).
 
     ``peer_record`` is the id of the sender's ``bundle_created`` record, carried in the
-    bundle.
+    bundle's signed header; None for a bundle that carries none (its sender keeps no
+    ledger), which ``records verify --peer`` then reports as unmatched. ``bundle`` is the
+    digest of the encrypted payload, which both records name.
     """
-    if not is_record_id(peer_record):
+    if peer_record is not None and not is_record_id(peer_record):
         raise MalformedRecord(f"peer_record {peer_record!r} is not a record id")
     return {**extra, "from": sender, "peer_record": peer_record, "model": model,
             "version": version, "bundle": bundle}

@@ -146,20 +146,36 @@ class TransferStatement:
 
 @dataclass(frozen=True)
 class Header:
-    """The outer header: the transfer plus the encrypted payload's digest and size."""
+    """The outer header: the transfer plus the encrypted payload's digest and size.
+
+    ``ledger_record`` is the id of the sender's ``bundle_created`` ledger record, which
+    names this payload's digest (so the record is appended after encryption and before
+    the header is signed; it cannot be inside the encrypted, model-signed statement,
+    whose bytes the payload digest covers). The header's signature binds the record id
+    to the payload digest; the receiver's ``bundle_received``/``bundle_refused`` record
+    names it as ``peer_record``. Absent in bundles from sites without a ledger.
+    """
 
     transfer: Transfer
     payload_digest: str
     payload_size: int
+    ledger_record: str | None = None
 
     def __post_init__(self) -> None:
         if not _DIGEST.match(self.payload_digest) or self.payload_size < 1:
             raise MalformedBundle("header payload must have a sha256 digest and a size")
+        if self.ledger_record is not None and not (
+                isinstance(self.ledger_record, str) and _DIGEST.match(self.ledger_record)):
+            raise MalformedBundle("header ledger_record must be a record id (sha256:<hex>)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": HEADER_FORMAT, "format_version": 1,
-                "transfer": self.transfer.to_json(),
-                "payload": {"digest": self.payload_digest, "size": self.payload_size}}
+        doc: dict[str, Any] = {
+            "format": HEADER_FORMAT, "format_version": 1,
+            "transfer": self.transfer.to_json(),
+            "payload": {"digest": self.payload_digest, "size": self.payload_size}}
+        if self.ledger_record is not None:
+            doc["ledger_record"] = self.ledger_record
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> Header:
@@ -170,7 +186,11 @@ class Header:
             payload = doc["payload"]
             if type(payload["size"]) is not int:
                 raise MalformedBundle("payload size must be an integer")
+            record = doc.get("ledger_record")
+            if record is not None and not isinstance(record, str):
+                raise MalformedBundle("header ledger_record must be a record id")
             return cls(transfer=Transfer.from_json(doc["transfer"]),
-                       payload_digest=str(payload["digest"]), payload_size=payload["size"])
+                       payload_digest=str(payload["digest"]), payload_size=payload["size"],
+                       ledger_record=record)
         except (KeyError, TypeError) as e:
             raise MalformedBundle(f"header is missing a field: {e}") from e

@@ -26,6 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from transfer.acts import recorder, subject
 from transfer.errors import (
     BadIdentityFile,
     RevokedSigner,
@@ -35,6 +36,7 @@ from transfer.errors import (
     UntrustedSigner,
 )
 from transfer.identity import Fingerprint, PublicIdentity, SiteName
+from transfer.records import RecordKind
 
 TRUST_FILE = "trust.json"
 
@@ -99,6 +101,21 @@ class TrustStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def _save_recorded(self, kind: RecordKind, identity: PublicIdentity,
+                       previous: PublicIdentity | None) -> None:
+        """Record the trust decision in the site's ledger, then save the store.
+
+        The record comes first: if it cannot be appended, the store is left unchanged.
+        """
+        subjects = subject("key", identity.site, identity.fingerprint)
+        fields = {"peer": identity.site, "fingerprint": identity.fingerprint}
+        if previous is not None:
+            subjects += subject("key", f"{previous.site}/previous", previous.fingerprint)
+            fields["previous_fingerprint"] = previous.fingerprint
+        with recorder(self.path.parent) as rec:
+            rec.record(kind, subjects, fields)
+            self._save()
+
     def entries(self) -> list[TrustEntry]:
         return sorted(self._entries.values(), key=lambda e: (e.identity.site, e.added))
 
@@ -132,7 +149,7 @@ class TrustStore:
                                 f"key {previous.identity.fingerprint}")
         if current is None:
             self._entries[identity.fingerprint] = TrustEntry(identity, Status.TRUSTED, stamp)
-            self._save()
+            self._save_recorded(RecordKind.TRUST_ADDED, identity, None)
             return AddOutcome.PINNED
         if previous is None or previous.identity.fingerprint != current.identity.fingerprint:
             raise TrustError(
@@ -146,7 +163,7 @@ class TrustStore:
         self._entries[current.identity.fingerprint] = TrustEntry(
             current.identity, Status.SUPERSEDED, current.added, stamp)
         self._entries[identity.fingerprint] = TrustEntry(identity, Status.TRUSTED, stamp)
-        self._save()
+        self._save_recorded(RecordKind.TRUST_ROTATED, identity, current.identity)
         return AddOutcome.ROTATED
 
     def revoke(self, fingerprint: Fingerprint, now: datetime | None = None) -> TrustEntry:
@@ -156,7 +173,7 @@ class TrustStore:
         stamp = (now or datetime.now(UTC)).replace(microsecond=0).isoformat()
         revoked = TrustEntry(entry.identity, Status.REVOKED, entry.added, stamp)
         self._entries[fingerprint] = revoked
-        self._save()
+        self._save_recorded(RecordKind.TRUST_REVOKED, entry.identity, None)
         return revoked
 
     def sender(self, fingerprint: str, site: str) -> PublicIdentity:

@@ -11,7 +11,13 @@ from rich.table import Table
 
 from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
 from transfer.ledger import URL_ENV, check_peer, read_checkpoint
-from transfer.ledger_site import open_ledger, own_keys, peer_keys, site_signer
+from transfer.ledger_site import (
+    mlflow_digest_checker,
+    open_ledger,
+    own_keys,
+    peer_keys,
+    site_signer,
+)
 from transfer.records import RecordKind
 
 
@@ -92,9 +98,10 @@ def show(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     home = home_of(args)
     with open_ledger(home, args.ledger_url) as ledger:
-        result = ledger.verify(own_keys(home))
+        result = ledger.verify(own_keys(home), mlflow_digest_checker(home))
         doc: dict[str, Any] = result.to_json()
-        lines = [f"{result.site}: {result.count} records verified (signatures and chain)"]
+        lines = [f"{result.site}: {result.count} records verified (signatures, chain, and "
+                 "digests against MLflow where the versions still exist)"]
         if args.checkpoint is not None:
             cp = read_checkpoint(args.checkpoint, own_keys(home))
             ledger.check_checkpoint(cp)
