@@ -5,10 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The bundle interoperability tests decrypt with the standard `age` tool (Debian package).
-if ! command -v age >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "== installing age (Debian package)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age >/dev/null
+# Tools the tests drive for real, from Debian's packages: `age` (bundle interoperability)
+# and `chromium` (the report, opened headless). Installed here when missing and root.
+missing=""
+command -v age >/dev/null 2>&1 || missing="$missing age"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing$missing (Debian packages)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 . .venv/bin/activate
 echo "== ruff"; ruff check .

@@ -9,6 +9,7 @@ against the peer's keys in this site's trust store (trusted or superseded, not r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,16 @@ from transfer.identity import (
     load_site,
     public_identity,
 )
-from transfer.ledger import DigestChecker, Ledger, ledger_url
+from transfer.ledger import (
+    Checkpoint,
+    DigestChecker,
+    Ledger,
+    PeerCheck,
+    Verification,
+    check_peer,
+    ledger_url,
+    read_checkpoint,
+)
 from transfer.records import EcdsaSigner, KeyRing, Record, RecordKind, Subject
 from transfer.trust import Status, TrustStore
 
@@ -119,3 +129,31 @@ def mlflow_digest_checker(home: Path, store: ModelStore | None = None) -> Digest
         return None
 
     return check
+
+
+@dataclass(frozen=True)
+class SiteVerification:
+    """What ``records verify`` established for a site's ledger."""
+
+    ledger: Verification
+    checkpoint: Checkpoint | None
+    peer: PeerCheck | None
+
+
+def verify_site(home: Path, url: str | None = None, checkpoint: Path | None = None,
+                peer: Path | None = None) -> SiteVerification:
+    """Signatures, chain and MLflow digests; then a checkpoint and a peer's export if given.
+
+    Raises (never returns a failure): :class:`~transfer.ledger_errors.LedgerBroken`,
+    checkpoint or peer mismatches, each naming what is wrong.
+    """
+    with open_ledger(home, url) as ledger:
+        result = ledger.verify(own_keys(home), mlflow_digest_checker(home))
+        cp = None
+        if checkpoint is not None:
+            cp = read_checkpoint(checkpoint, own_keys(home))
+            ledger.check_checkpoint(cp)
+        peer_check = None
+        if peer is not None:
+            peer_check = check_peer(ledger, peer, lambda site: peer_keys(home, site))
+    return SiteVerification(result, cp, peer_check)

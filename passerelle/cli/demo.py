@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -23,9 +26,11 @@ from passerelle.errors import BadInput
 from registry.audit.policy import load_policy
 from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig
-from registry.store import ModelStore
+from registry.store import ModelStore, VersionRef
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.identity import PublicIdentity, init_site
+from transfer.ledger_site import open_ledger, verify_site
+from transfer.report import write_report
 from transfer.trust import TrustStore
 
 MODEL_NAME = "pmsi-coder"
@@ -39,13 +44,15 @@ LEGAL_BASIS = ("GDPR art. 6(1)(e) public interest task; art. 9(2)(h) health care
 def add_to(sub: Subparsers) -> None:
     p = add_command(
         sub, "demo", demo, "run the whole story on one machine with two simulated sites",
-        "Generate site X's and site Y's synthetic corpora, train the reference PMSI coder at X\n"
-        "(accuracy on X's held-out patients and on Y), register it in X's MLflow registry\n"
-        "(SQLite under WORKDIR/site-x), audit it for memorised patient data (membership\n"
-        "inference, canaries, identifier scan) and export it to ONNX through the gate;\n"
-        "then create both sites' identities, pin each other's key, sign and encrypt the\n"
-        "model for site Y and receive it there (SQLite registry under WORKDIR/site-y).\n"
-        "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).",
+        "Generate site X's and site Y's synthetic corpora; create both sites' identities\n"
+        "and pin each other's key; train the reference PMSI coder at X (accuracy on X's\n"
+        "held-out patients and on Y); register it in X's MLflow registry (SQLite under\n"
+        "WORKDIR/site-x); audit it for memorised patient data (membership inference,\n"
+        "canaries, identifier scan); export it to ONNX through the gate; sign and encrypt\n"
+        "it for site Y, which verifies and registers it (WORKDIR/site-y); then check both\n"
+        "sites' ledgers against each other and write each site's report.\n"
+        "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).\n"
+        "--home is not used: each simulated site has its home under WORKDIR.",
     )
     p.add_argument("--workdir", type=Path, metavar="DIR")
     p.add_argument("--stays-x", type=positive_int, default=20000, metavar="N")
@@ -54,107 +61,172 @@ def add_to(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int, default=2026)
 
 
+@dataclass
+class _Run:
+    args: argparse.Namespace
+    work: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def data_x(self) -> Path:
+        return self.work / "data" / "site-x"
+
+    @property
+    def data_y(self) -> Path:
+        return self.work / "data" / "site-y"
+
+    @property
+    def home_x(self) -> Path:
+        return self.work / "site-x"
+
+    @property
+    def home_y(self) -> Path:
+        return self.work / "site-y"
+
+    def say(self, message: str) -> None:
+        if not self.args.json:
+            console.print(message)
+
+
 def demo(args: argparse.Namespace) -> int:
     work: Path = args.workdir or Path(f"passerelle-demo-{datetime.now():%Y%m%d-%H%M%S}")
     if work.exists() and (not work.is_dir() or any(work.iterdir())):
         raise BadInput(f"{work}: exists and is not empty; choose a new --workdir")
     work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    run = _Run(args, work)
+    plan: list[tuple[str, Callable[[_Run], str]]] = [
+        ("generate", _generate), ("sites", _sites), ("train", _train),
+        ("register", _register), ("audit", _audit), ("export", _export),
+        ("transfer", _transfer), ("ledgers", _ledgers),
+    ]
+    for number, (name, step) in enumerate(plan, start=1):
+        t = time.perf_counter()
+        message = step(run)
+        run.seconds[name] = round(time.perf_counter() - t, 1)
+        run.say(f"[{number}/{len(plan)}] {message}")
+    run.summary["workdir"] = str(work)
+    run.summary["seconds"] = run.seconds
+    (work / "demo-summary.json").write_text(json.dumps(run.summary, indent=1) + "\n")
+    emit(args, run.summary, lambda: console.print(
+        f"done in {sum(run.seconds.values()):.0f} s; reports: {run.summary['reports']['X']} "
+        f"and {run.summary['reports']['Y']}; summary in {work / 'demo-summary.json'}"))
+    return 0
 
-    def say(message: str) -> None:
-        if not args.json:
-            console.print(message)
 
-    t = time.perf_counter()
-    data_x, data_y = work / "data" / "site-x", work / "data" / "site-y"
-    steps.generate_corpus("X", args.stays_x, args.seed, CANARIES, data_x)
-    steps.generate_corpus("Y", args.stays_y, args.seed + 1, 0, data_y)
-    timings["generate"] = time.perf_counter() - t
-    say(f"[1/7] generated {args.stays_x} stays at site X (+{CANARIES} canary patients) and "
-        f"{args.stays_y} at site Y in {work / 'data'}")
+def _generate(run: _Run) -> str:
+    a = run.args
+    steps.generate_corpus("X", a.stays_x, a.seed, CANARIES, run.data_x)
+    steps.generate_corpus("Y", a.stays_y, a.seed + 1, 0, run.data_y)
+    run.summary["data"] = {"X": str(run.data_x), "Y": str(run.data_y)}
+    return (f"generated {a.stays_x} stays at site X (+{CANARIES} canary patients) and "
+            f"{a.stays_y} at site Y in {run.work / 'data'}")
 
-    t = time.perf_counter()
-    with progress_bar(args) as progress:
-        report = steps.train_model(data_x, work / "models" / "pmsi-coder",
-                                   CoderConfig(epochs=args.epochs, seed=args.seed), [data_y],
-                                   progress)
-    timings["train"] = time.perf_counter() - t
-    say(f"[2/7] trained the PMSI coder at site X ({report.classes} codes, vocabulary "
-        f"{report.vocabulary_size} tokens)")
-    if not args.json:
-        _print_accuracy(report)
 
-    t = time.perf_counter()
-    store = ModelStore(work / "site-x")
-    info = steps.register_model(store, report.out_dir, MODEL_NAME, PURPOSE, LEGAL_BASIS,
-                                data_x, "CHU de site X (demo)")
-    timings["register"] = time.perf_counter() - t
-    say(f"[3/7] registered {info.ref} in site X's registry {store.display_uri}")
-
-    t = time.perf_counter()
-    with progress_bar(args) as progress:
-        audit = steps.audit_model(store, info.ref, data_x, data_x, load_policy(),
-                                  work / "audit", progress, args.seed)
-    timings["audit"] = time.perf_counter() - t
-    say(f"[4/7] audited {info.ref}: verdict {audit.verdict} under policy "
-        f"{audit.policy_name} ({audit.members} member / {audit.nonmembers} non-member "
-        f"patients, {audit.reference_models} reference models); report in {audit.report_dir}")
-    if not args.json:
-        _print_audit(audit)
-
-    t = time.perf_counter()
-    out = work / "export" / f"{MODEL_NAME}-v{info.ref.version}"
-    export = steps.export_model(store, info.ref, out)
-    timings["export"] = time.perf_counter() - t
-    p = export.parity
-    say(f"[5/7] exported {info.ref} to ONNX in {export.directory}: parity on {p.inputs} "
-        f"held-out inputs, max |logit diff| {p.max_abs_diff:.2e} (limit {p.tolerance:g}), "
-        f"top-1 agreement {p.top1_agreement:.0%}")
-
-    t = time.perf_counter()
-    home_y = work / "site-y"
-    identities = work / "identities"
+def _sites(run: _Run) -> str:
+    identities = run.work / "identities"
     identities.mkdir()
-    for home, name in ((store.home, SITE_X), (home_y, SITE_Y)):
+    for home, name in ((run.home_x, SITE_X), (run.home_y, SITE_Y)):
         public = init_site(home, name)
         (identities / f"{name}.json").write_text(json.dumps(public.to_json(), indent=1) + "\n")
-    TrustStore(store.home).add(PublicIdentity.from_file(identities / f"{SITE_Y}.json"))
-    TrustStore(home_y).add(PublicIdentity.from_file(identities / f"{SITE_X}.json"))
-    timings["sites"] = time.perf_counter() - t
-    say(f"[6/7] created the identities of {SITE_X} and {SITE_Y} (keys 0600 under each home) "
-        f"and pinned each other's key; public identity files in {identities}")
+    TrustStore(run.home_x).add(PublicIdentity.from_file(identities / f"{SITE_Y}.json"))
+    TrustStore(run.home_y).add(PublicIdentity.from_file(identities / f"{SITE_X}.json"))
+    return (f"created the identities of {SITE_X} and {SITE_Y} (private keys 0600 in each "
+            f"home) and pinned each other's key; public identity files in {identities}")
 
-    t = time.perf_counter()
-    bundle_path = work / "transfer" / f"{MODEL_NAME}-v{info.ref.version}.bundle"
-    bundle_path.parent.mkdir()
-    created = create_bundle(store.home, store, info.ref, [SITE_Y], bundle_path)
-    received = receive_bundle(bundle_path, home_y, ModelStore(home_y))
-    timings["transfer"] = time.perf_counter() - t
-    say(f"[7/7] {SITE_X} signed and encrypted {info.ref} for {SITE_Y} ({bundle_path}, "
-        f"{created.size} bytes, {created.digest}); {SITE_Y} verified and received it as "
-        f"{received.version.ref} in its own registry, installed in {received.directory}")
 
-    summary = {
-        "workdir": str(work),
-        "data": {"X": str(data_x), "Y": str(data_y)},
-        "model_dir": str(report.out_dir),
-        "registry": store.display_uri,
-        "model": str(info.ref),
-        "export": str(export.directory),
-        "onnx_digest": export.onnx_digest,
-        "accuracy": [a.__dict__ for a in report.accuracy],
-        "parity": p.__dict__,
-        "audit": {"verdict": audit.verdict, "report": str(audit.report_dir),
-                  "failed": [c.name for c in audit.failed]},
-        "bundle": {"path": str(bundle_path), "digest": created.digest,
-                   "received_as": str(received.version.ref),
-                   "installed": str(received.directory)},
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
-    }
-    (work / "demo-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    emit(args, summary, lambda: console.print(
-        f"done in {sum(timings.values()):.0f} s; summary in {work / 'demo-summary.json'}"))
-    return 0
+def _train(run: _Run) -> str:
+    with progress_bar(run.args) as progress:
+        report = steps.train_model(run.data_x, run.work / "models" / MODEL_NAME,
+                                   CoderConfig(epochs=run.args.epochs, seed=run.args.seed),
+                                   [run.data_y], progress)
+    run.summary["model_dir"] = str(report.out_dir)
+    run.summary["accuracy"] = [a.__dict__ for a in report.accuracy]
+    if not run.args.json:
+        table = Table(title="PMSI coder accuracy (main diagnosis)")
+        for col in ("site", "stays", "top-1", "top-5"):
+            table.add_column(col)
+        for a in report.accuracy:
+            name = f"{a.site} ({'held-out patients' if a.split == 'held-out' else 'all stays'})"
+            table.add_row(name, str(a.stays), f"{a.top1:.1%}", f"{a.top5:.1%}")
+        console.print(table)
+    return (f"trained the PMSI coder at site X ({report.classes} codes, vocabulary "
+            f"{report.vocabulary_size} tokens)")
+
+
+def _register(run: _Run) -> str:
+    store = ModelStore(run.home_x)
+    info = steps.register_model(store, Path(run.summary["model_dir"]), MODEL_NAME, PURPOSE,
+                                LEGAL_BASIS, run.data_x, "CHU de site X (demo)")
+    run.summary["model"] = str(info.ref)
+    run.summary["registry"] = store.display_uri
+    return f"registered {info.ref} in {SITE_X}'s registry {store.display_uri}"
+
+
+def _ref(run: _Run) -> VersionRef:
+    return VersionRef.parse(run.summary["model"])
+
+
+def _audit(run: _Run) -> str:
+    with progress_bar(run.args) as progress:
+        audit = steps.audit_model(ModelStore(run.home_x), _ref(run), run.data_x, run.data_x,
+                                  load_policy(), run.work / "audit", progress, run.args.seed)
+    run.summary["audit"] = {"verdict": audit.verdict, "report": str(audit.report_dir),
+                            "failed": [c.name for c in audit.failed]}
+    if not run.args.json:
+        _print_audit(audit)
+    return (f"audited {audit.ref}: verdict {audit.verdict} under policy {audit.policy_name} "
+            f"({audit.members} member / {audit.nonmembers} non-member patients, "
+            f"{audit.reference_models} reference models); report in {audit.report_dir}")
+
+
+def _export(run: _Run) -> str:
+    ref = _ref(run)
+    export = steps.export_model(ModelStore(run.home_x), ref,
+                                run.work / "export" / f"{MODEL_NAME}-v{ref.version}")
+    p = export.parity
+    run.summary["export"] = str(export.directory)
+    run.summary["onnx_digest"] = export.onnx_digest
+    run.summary["parity"] = p.__dict__
+    return (f"exported {ref} to ONNX in {export.directory}: parity on {p.inputs} held-out "
+            f"inputs, max |logit diff| {p.max_abs_diff:.2e} (limit {p.tolerance:g}), top-1 "
+            f"agreement {p.top1_agreement:.0%}")
+
+
+def _transfer(run: _Run) -> str:
+    ref = _ref(run)
+    path = run.work / "transfer" / f"{MODEL_NAME}-v{ref.version}.bundle"
+    path.parent.mkdir()
+    created = create_bundle(run.home_x, ModelStore(run.home_x), ref, [SITE_Y], path)
+    received = receive_bundle(path, run.home_y, ModelStore(run.home_y))
+    run.summary["bundle"] = {"path": str(path), "digest": created.digest,
+                             "received_as": str(received.version.ref),
+                             "installed": str(received.directory)}
+    return (f"{SITE_X} signed and encrypted {ref} for {SITE_Y} ({path}, {created.size} bytes); "
+            f"{SITE_Y} verified it and registered it as {received.version.ref} in its own "
+            f"registry, installed in {received.directory}")
+
+
+def _ledgers(run: _Run) -> str:
+    exports = {home: run.work / "ledgers" / f"{home.name}.jsonl"
+               for home in (run.home_x, run.home_y)}
+    exports[run.home_x].parent.mkdir()
+    for home, out in exports.items():
+        with open_ledger(home) as ledger:
+            ledger.export(out)
+    counts = {}
+    for home, peer in ((run.home_x, run.home_y), (run.home_y, run.home_x)):
+        checked = verify_site(home, peer=exports[peer])
+        counts[checked.ledger.site] = checked.ledger.count
+    reports = {"X": run.work / "report-site-x.html", "Y": run.work / "report-site-y.html"}
+    write_report(run.home_x, reports["X"])
+    write_report(run.home_y, reports["Y"])
+    run.summary["ledgers"] = {"exports": {h.name: str(p) for h, p in exports.items()},
+                              "records": counts}
+    run.summary["reports"] = {k: str(v) for k, v in reports.items()}
+    return (f"verified both ledgers ({', '.join(f'{s}: {n} records' for s, n in counts.items())}"
+            f") and each against the other's export: every transfer is recorded at both "
+            f"ends; reports: {reports['X']} and {reports['Y']}")
 
 
 def _print_audit(audit: AuditResult) -> None:
@@ -172,13 +244,3 @@ def _print_audit(audit: AuditResult) -> None:
                   f"bits; identifier scan: {audit.scan.counts() or 'no findings'}")
     for c in audit.failed:
         console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")
-
-
-def _print_accuracy(report: steps.TrainReport) -> None:
-    table = Table(title="PMSI coder accuracy (main diagnosis)")
-    for col in ("site", "stays", "top-1", "top-5"):
-        table.add_column(col)
-    for a in report.accuracy:
-        name = f"{a.site} ({'held-out patients' if a.split == 'held-out' else 'all stays'})"
-        table.add_row(name, str(a.stays), f"{a.top1:.1%}", f"{a.top5:.1%}")
-    console.print(table)

@@ -10,13 +10,11 @@ from typing import Any
 from rich.table import Table
 
 from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
-from transfer.ledger import URL_ENV, check_peer, read_checkpoint
+from transfer.ledger import URL_ENV
 from transfer.ledger_site import (
-    mlflow_digest_checker,
     open_ledger,
-    own_keys,
-    peer_keys,
     site_signer,
+    verify_site,
 )
 from transfer.records import RecordKind
 
@@ -96,22 +94,20 @@ def show(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    with open_ledger(home, args.ledger_url) as ledger:
-        result = ledger.verify(own_keys(home), mlflow_digest_checker(home))
-        doc: dict[str, Any] = result.to_json()
-        lines = [f"{result.site}: {result.count} records verified (signatures, chain, and "
-                 "digests against MLflow where the versions still exist)"]
-        if args.checkpoint is not None:
-            cp = read_checkpoint(args.checkpoint, own_keys(home))
-            ledger.check_checkpoint(cp)
-            doc["checkpoint"] = cp.to_json()
-            lines.append(f"checkpoint of {cp.time}: seq {cp.seq} {cp.head} is still there")
-        if args.peer is not None:
-            peer = check_peer(ledger, args.peer, lambda site: peer_keys(home, site))
-            doc["peer"] = peer.to_json()
-            lines.append(f"peer {peer.peer}: {peer.received} transfers in, {peer.sent} out, "
-                         "recorded at both ends")
+    checked = verify_site(home_of(args), args.ledger_url, args.checkpoint, args.peer)
+    result = checked.ledger
+    doc: dict[str, Any] = result.to_json()
+    lines = [f"{result.site}: {result.count} records verified (signatures, chain, and "
+             "digests against MLflow where the versions still exist)"]
+    if checked.checkpoint is not None:
+        cp = checked.checkpoint
+        doc["checkpoint"] = cp.to_json()
+        lines.append(f"checkpoint of {cp.time}: seq {cp.seq} {cp.head} is still there")
+    if checked.peer is not None:
+        peer = checked.peer
+        doc["peer"] = peer.to_json()
+        lines.append(f"peer {peer.peer}: {peer.received} transfers in, {peer.sent} out, "
+                     "recorded at both ends")
     emit(args, doc, lambda: console.print("\n".join(lines)))
     return 0
 
