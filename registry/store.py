@@ -143,6 +143,30 @@ class ModelStore:
         failure, its own included, the run, the version (and a registered model this call
         created) are deleted, so the registry is as it was.
         """
+        tags = {
+            **provenance.tags(),
+            TAG + "framework": model_dir.metadata.framework.value,
+            TAG + "architecture": model_dir.metadata.architecture,
+            TAG + "model_dir_digest": model_dir.digest,
+        }
+        return self._new_version(name, f"register-{name}", model_dir.path, "model", tags,
+                                 _run_params(model_dir), on_registered)
+
+    def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
+                          on_registered: Callable[[VersionInfo], None] | None = None
+                          ) -> VersionInfo:
+        """Register a model received from another site: a new run logging ``model_dir``
+        under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage).
+        Undone entirely on any failure, as :meth:`register`."""
+        return self._new_version(name, f"receive-{name}", model_dir, "onnx", dict(tags), {},
+                                 on_registered)
+
+    def _new_version(
+        self, name: str, run_name: str, local_dir: Path, artifact_path: str,
+        tags: Mapping[str, str], params: Mapping[str, str],
+        on_registered: Callable[[VersionInfo], None] | None,
+    ) -> VersionInfo:
+        """One run holding ``local_dir`` under ``artifact_path``, one new version of ``name``."""
         if not _NAME.match(name):
             raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
         from mlflow.exceptions import MlflowException
@@ -154,10 +178,10 @@ class ModelStore:
         version: str | None = None
         try:
             with _store_errors(self.uri):
-                run = client.create_run(experiment, run_name=f"register-{name}")
+                run = client.create_run(experiment, run_name=run_name)
                 run_id = run.info.run_id
-                client.log_artifacts(run_id, str(model_dir.path), "model")
-                for key, value in _run_params(model_dir).items():
+                client.log_artifacts(run_id, str(local_dir), artifact_path)
+                for key, value in params.items():
                     client.log_param(run_id, key, value)
                 client.set_terminated(run_id)
                 try:
@@ -167,57 +191,8 @@ class ModelStore:
                         raise
                     client.create_registered_model(name)
                     created_model = True
-                tags = {
-                    **provenance.tags(),
-                    TAG + "framework": model_dir.metadata.framework.value,
-                    TAG + "architecture": model_dir.metadata.architecture,
-                    TAG + "model_dir_digest": model_dir.digest,
-                }
                 mv = client.create_model_version(
-                    name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=tags
-                )
-                version = str(mv.version)
-            info = self.get(VersionRef(name, version))
-            if on_registered is not None:
-                on_registered(info)
-        except BaseException:
-            self._undo_register(run_id, name if created_model else None,
-                                None if created_model else (name, version))
-            raise
-        return info
-
-    def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
-                          on_registered: Callable[[VersionInfo], None] | None = None
-                          ) -> VersionInfo:
-        """Register a model received from another site: a new run logging ``model_dir``
-        under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage).
-
-        On any failure the run (and a registered model this call created) is deleted.
-        """
-        if not _NAME.match(name):
-            raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
-        from mlflow.exceptions import MlflowException
-
-        experiment = self._experiment()
-        client = self._client
-        created_model = False
-        run_id = None
-        version: str | None = None
-        try:
-            with _store_errors(self.uri):
-                run = client.create_run(experiment, run_name=f"receive-{name}")
-                run_id = run.info.run_id
-                client.log_artifacts(run_id, str(model_dir), "onnx")
-                client.set_terminated(run_id)
-                try:
-                    client.get_registered_model(name)
-                except MlflowException as e:
-                    if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                        raise
-                    client.create_registered_model(name)
-                    created_model = True
-                mv = client.create_model_version(
-                    name, source=f"{run.info.artifact_uri}/onnx", run_id=run_id,
+                    name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
                     tags=dict(tags))
                 version = str(mv.version)
             info = self.get(VersionRef(name, version))
