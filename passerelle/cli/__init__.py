@@ -11,10 +11,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from passerelle.cli import _common, bundle, data, demo, model, records, site, trust
+from passerelle.cli import (
+    _common,
+    bundle,
+    data,
+    demo,
+    finetune,
+    model,
+    records,
+    report,
+    site,
+    trust,
+)
 from passerelle.errors import PasserelleError
 
-_GROUPS = (data, model, site, trust, bundle, demo, records)
+_GROUPS = (data, model, site, trust, bundle, finetune, demo, records, report)
 
 
 def build_parser() -> _common.Parser:

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Benchmark: DP-SGD fine-tuning at site Y, its utility and its cost, in one run.
+
+1. Generates X's and Y's corpora (default 20,000 and 6,000 stays, as the demo), trains
+   the reference coder at X, exports it to ONNX and registers it at a Y home as
+   received.
+2. Utility at epsilon = 3 (patient level, delta = 1e-5), accuracy on Y's held-out
+   patients: (a) the transferred model as received; (b) the transferred model
+   fine-tuned under DP (``passerelle finetune``'s code, hidden+logits train);
+   (c) a model of the same architecture trained from scratch at Y under DP at the same
+   budget (all layers train; X's vocabulary, which is public to Y, so that building a
+   vocabulary spends none of Y's budget).
+3. Cost: time per epoch of DP fine-tuning vs non-private fine-tuning (same model, same
+   data, same batch size in stays, same optimizer), and the peak resident memory of
+   each phase above the memory at its start (/proc/self/status sampled every 5 ms).
+
+Usage: python scripts/bench_finetune.py [--x-stays 20000] [--y-stays 6000]
+       [--epsilon 3] [--epochs 10] [--workdir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from adapters.dp import DpSgd, DpSgdPlan
+from adapters.finetune import (
+    FinetuneOptions,
+    accuracy,
+    finetune_version,
+    load_site_data,
+    logits_of,
+    plan_privacy,
+    run_dp_sgd,
+)
+from adapters.onnx_export import keras_to_onnx
+from adapters.onnx_tf import OnnxExecutor, load_model
+from passerelle import steps
+from registry.coder import CoderConfig, build_keras_model
+from registry.export import Override
+from registry.store import TAG, ModelStore, PrivacyUnit
+from registry.vocabulary import Vocabulary
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def peak_memory() -> Iterator[dict[str, float]]:
+    """Peak RSS above the RSS at entry, in MiB, sampled every 5 ms."""
+    out: dict[str, float] = {}
+    start = _rss_kib()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_kib())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak_above_start_mib"] = (peak[0] - start) / 1024
+        out["peak_rss_mib"] = peak[0] / 1024
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
+    with peak_memory() as mem:
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+    return seconds, mem
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--x-stays", type=int, default=20000)
+    parser.add_argument("--y-stays", type=int, default=6000)
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--scratch-learning-rate", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"x_stays": args.x_stays, "y_stays": args.y_stays,
+                               "epsilon": args.epsilon, "delta": args.delta,
+                               "epochs": args.epochs, "expected_batch_size": args.batch_size}
+
+    # (1) the transfer, without the bundle (it has its own benchmark)
+    steps.generate_corpus("X", args.x_stays, 1, 0, work / "x")
+    steps.generate_corpus("Y", args.y_stays, 2, 0, work / "y")
+    report = steps.train_model(work / "x", work / "model", CoderConfig(seed=args.seed))
+    store_x = ModelStore(work / "home-x")
+    info = steps.register_model(store_x, report.out_dir, "pmsi-coder", "bench", "bench")
+    steps.export_model(store_x, info.ref, work / "export",
+                       Override("Benchmark", "benchmark without an audit"))
+    (work / "home-y").mkdir(exist_ok=True)
+    store_y = ModelStore(work / "home-y")
+    received = store_y.register_received(work / "export", "pmsi-coder",
+                                         {TAG + "source_model": "pmsi-coder"})
+
+    # (2b) DP fine-tuning through the command's code (it also measures (2a))
+    options = FinetuneOptions(epsilon=args.epsilon, delta=args.delta, epochs=args.epochs,
+                              expected_batch_size=args.batch_size, drop_unknown_codes=True,
+                              budget_cap=1e9)
+    t0 = time.perf_counter()
+    ft = finetune_version(store_y, received.ref, work / "y", options,
+                          np.random.default_rng(args.seed))
+    results["finetune_command_seconds"] = time.perf_counter() - t0
+    results["accuracy_transferred"] = ft.accuracy_before
+    results["accuracy_transferred_dp_finetuned"] = ft.accuracy_after
+    results["finetune"] = {"epsilon_pld": ft.epsilon_pld, "epsilon_rdp": ft.epsilon_rdp,
+                           "delta": ft.delta, "noise_multiplier": ft.noise_multiplier,
+                           "sampling_rate": ft.sampling_rate, "steps": ft.steps,
+                           "train_patients": ft.train_units, "train_stays": ft.train_stays,
+                           "heldout_stays": ft.heldout_stays,
+                           "dropped_unknown_codes": ft.dropped_unknown}
+
+    # (2c) from scratch at Y under DP, same budget, same split
+    proto = load_model(work / "export" / "model.onnx")
+    vocab = Vocabulary.load(work / "export" / "vocabulary.json")
+    codes = [str(c) for c in json.loads((work / "export" / "labels.json").read_text())["codes"]]
+    site = load_site_data(work / "y", vocab, codes, PrivacyUnit.PATIENT, 0.2, 0, True)
+    config = CoderConfig(seed=args.seed)
+    scratch_proto = keras_to_onnx(build_keras_model(len(vocab), len(codes), config),
+                                  vocab.config.max_len)
+    scratch = OnnxExecutor.from_model(scratch_proto)  # every layer trains
+    plan, _, eps_pld, _ = plan_privacy(site, options)
+    t0 = time.perf_counter()
+    run_dp_sgd(scratch, "logits", site, plan, args.scratch_learning_rate,
+               np.random.default_rng(args.seed + 1))
+    results["scratch_seconds"] = time.perf_counter() - t0
+    results["accuracy_scratch_dp"] = accuracy(logits_of(scratch, site.heldout_inputs,
+                                                        "logits"), site.heldout_labels)
+    results["scratch_epsilon_pld"] = eps_pld
+
+    # (3) cost per epoch: DP vs non-private, same model, same data, same run
+    results["cost"] = cost_per_epoch(proto, site, plan, args.seed)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int) -> dict[str, Any]:
+    import tensorflow as tf
+
+    from adapters.dp import train_dp_sgd
+
+    stays_per_step = len(site.labels) * plan.sampling_rate  # expected stays per DP step
+    batch = max(1, round(stays_per_step))
+    one_epoch = DpSgdPlan(plan.units, plan.expected_batch_size, plan.sampling_rate,
+                          max(1, round(1 / plan.sampling_rate)), plan.noise_multiplier,
+                          plan.clip)
+    out: dict[str, Any] = {"stays": len(site.labels), "batch_stays": batch,
+                           "dp_steps_per_epoch": one_epoch.steps}
+    for trainable in (("hidden", "logits"), ("embedding", "hidden", "logits")):
+        executor = OnnxExecutor.from_model(proto, trainable=list(trainable))
+        sgd = DpSgd(executor, executor.input_names[0], "logits", plan.clip,
+                    plan.noise_multiplier, tf.keras.optimizers.Adam(1e-3))
+        rng = np.random.default_rng(seed)
+
+        def plain_epoch(sgd: DpSgd = sgd, rng: np.random.Generator = rng) -> None:
+            order = rng.permutation(len(site.labels))
+            for i in range(0, len(order), batch):
+                idx = order[i:i + batch]
+                sgd.plain_step(site.inputs[idx], site.labels[idx])
+
+        def dp_epoch(sgd: DpSgd = sgd, rng: np.random.Generator = rng) -> None:
+            train_dp_sgd(sgd, one_epoch, site.inputs, site.labels, site.units.tolist(), rng)
+
+        plain_epoch()  # warm-up: traces the tf.functions of both paths
+        dp_epoch()
+        plain_s, plain_mem = timed(plain_epoch)
+        dp_s, dp_mem = timed(dp_epoch)
+        out["+".join(trainable)] = {
+            "plain_epoch_seconds": plain_s, "dp_epoch_seconds": dp_s,
+            "time_ratio": dp_s / plain_s, "plain_memory": plain_mem, "dp_memory": dp_mem}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
