@@ -74,6 +74,10 @@ class FinetuneOptions:
     split_seed: int = 0
     budget_cap: float | None = None  # None: the site's configured cap
     drop_unknown_codes: bool = False
+    # Tests only. None (production): TensorFlow draws the Gaussian noise with op seeds
+    # from the operating system's entropy; a fixed seed makes the noise reproducible,
+    # and reproducible noise can be subtracted, which voids the privacy guarantee.
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_epsilon(self.epsilon)
@@ -207,11 +211,15 @@ def plan_privacy(site: SiteData, options: FinetuneOptions
 
 def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
                learning_rate: float, rng: np.random.Generator,
-               progress: Progress | None = None) -> DpSgd:
-    """Train the executor's trainable weights with DP-SGD (Adam on the noisy gradient)."""
+               progress: Progress | None = None, noise_seed: int | None = None) -> DpSgd:
+    """Train the executor's trainable weights with DP-SGD (Adam on the noisy gradient).
+
+    ``noise_seed`` None leaves TensorFlow's seeds to the operating system's entropy (the
+    only safe choice outside tests: see FinetuneOptions.noise_seed)."""
     import tensorflow as tf
 
-    tf.random.set_seed(int(rng.integers(2**31)))  # the query's noise
+    if noise_seed is not None:
+        tf.random.set_seed(noise_seed)
     sgd = DpSgd(executor, executor.input_names[0], output, plan.clip, plan.noise_multiplier,
                 tf.keras.optimizers.Adam(learning_rate))
     train_dp_sgd(sgd, plan, site.inputs, site.labels, site.units.tolist(), rng, progress)
@@ -247,7 +255,8 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                                             f"finetune {ref}")
         before = accuracy(logits_of(executor, site.heldout_inputs, output),
                           site.heldout_labels)  # (6)
-        run_dp_sgd(executor, output, site, plan, options.learning_rate, rng, progress)
+        run_dp_sgd(executor, output, site, plan, options.learning_rate, rng, progress,
+                   options.noise_seed)
         after = accuracy(logits_of(executor, site.heldout_inputs, output),
                          site.heldout_labels)
         out = work / "out"  # (7)

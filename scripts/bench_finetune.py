@@ -130,7 +130,7 @@ def main() -> int:
     # (2b) DP fine-tuning through the command's code (it also measures (2a))
     options = FinetuneOptions(epsilon=args.epsilon, delta=args.delta, epochs=args.epochs,
                               expected_batch_size=args.batch_size, drop_unknown_codes=True,
-                              budget_cap=1e9)
+                              budget_cap=1e9, noise_seed=args.seed)
     t0 = time.perf_counter()
     ft = finetune_version(store_y, received.ref, work / "y", options,
                           np.random.default_rng(args.seed))
@@ -156,7 +156,7 @@ def main() -> int:
     plan, _, eps_pld, _ = plan_privacy(site, options)
     t0 = time.perf_counter()
     run_dp_sgd(scratch, "logits", site, plan, args.scratch_learning_rate,
-               np.random.default_rng(args.seed + 1))
+               np.random.default_rng(args.seed + 1), noise_seed=args.seed + 1)
     results["scratch_seconds"] = time.perf_counter() - t0
     results["accuracy_scratch_dp"] = accuracy(logits_of(scratch, site.heldout_inputs,
                                                         "logits"), site.heldout_labels)

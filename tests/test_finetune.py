@@ -359,7 +359,7 @@ def test_finetuning_beats_the_transferred_model_on_the_sites_patients(
     result = finetune_version(
         ModelStore(home), received[1], corpus_y,
         FinetuneOptions(epsilon=3.0, delta=1e-5, epochs=8, expected_batch_size=32,
-                        learning_rate=5e-3, drop_unknown_codes=True),
+                        learning_rate=5e-3, drop_unknown_codes=True, noise_seed=0),
         rng=np.random.default_rng(0))
     print(f"accuracy before {result.accuracy_before:.3f} after {result.accuracy_after:.3f}")
     assert result.accuracy_after > result.accuracy_before
@@ -392,9 +392,10 @@ def test_membership_inference_on_canaries_stays_under_the_claimed_epsilon(
     codes = [str(c) for c in json.loads((src / "labels.json").read_text())["codes"]]
     site = load_site_data(data, Vocabulary.load(src / "vocabulary.json"), codes,
                           PrivacyUnit.PATIENT, 0.5, 0, True)
-    options = FinetuneOptions(epsilon=3.0, delta=1e-5, epochs=8, expected_batch_size=32)
+    options = FinetuneOptions(epsilon=3.0, delta=1e-5, epochs=8, expected_batch_size=32,
+                              noise_seed=3)
     plan, setting, eps_pld, _ = plan_privacy(site, options)
-    run_dp_sgd(executor, "logits", site, plan, 5e-3, np.random.default_rng(3))
+    run_dp_sgd(executor, "logits", site, plan, 5e-3, np.random.default_rng(3), noise_seed=3)
     members = _per_unit(_true_code_log_probability(
         logits_of(executor, site.inputs, "logits"), site.labels), site.units)
     nonmembers = _per_unit(_true_code_log_probability(

@@ -55,7 +55,9 @@ def add_to(sub: Subparsers) -> None:
                    help="the dataset's epsilon cap (overrides HOME/privacy-budget.toml)")
     p.add_argument("--drop-unknown-codes", action="store_true",
                    help="drop stays whose code the model does not know (default: refuse)")
-    p.add_argument("--seed", type=int, help="seed for sampling and noise (tests only)")
+    p.add_argument("--seed", type=int,
+                   help="seed for sampling and noise: reproducible noise voids the privacy "
+                   "guarantee (tests only; default: the operating system's entropy)")
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -65,7 +67,8 @@ def finetune(args: argparse.Namespace) -> int:
         trainable=tuple(t.strip() for t in args.trainable.split(",")), epochs=args.epochs,
         expected_batch_size=args.batch_size, clip=args.clip,
         learning_rate=args.learning_rate, heldout_fraction=args.heldout_fraction,
-        budget_cap=args.budget_cap, drop_unknown_codes=args.drop_unknown_codes)
+        budget_cap=args.budget_cap, drop_unknown_codes=args.drop_unknown_codes,
+        noise_seed=args.seed)
     rng = np.random.default_rng(args.seed)
     with progress_bar(args) as progress:
         r = steps.finetune_model(ModelStore(home_of(args)), ref, args.data, options, rng,
