@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -228,8 +228,12 @@ def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdP
 
 def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                      options: FinetuneOptions, rng: np.random.Generator | None = None,
-                     progress: Progress | None = None) -> FinetuneResult:
-    """Steps 1-7 of the module docstring."""
+                     progress: Progress | None = None,
+                     on_registered: Callable[[VersionInfo, FinetuneResult], None] | None = None,
+                     ) -> FinetuneResult:
+    """Steps 1-7 of the module docstring. ``on_registered(version, result)`` runs inside
+    the registration (the ledger records the run there); if it fails, the new version is
+    taken back."""
     rng = rng or np.random.default_rng()
     home = store.home
     info = store.get(ref)  # (1)
@@ -278,7 +282,9 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
         (out / FINETUNE_CARD).write_text(json.dumps(card(result), indent=1, sort_keys=True,
                                                     default=str) + "\n")
         tags = _tags(info, result, sha256_file(out / ONNX_FILE))
-        version = store.register_received(out, ref.name, tags)
+        version = store.register_received(
+            out, ref.name, tags,
+            None if on_registered is None else (lambda v: on_registered(v, result)))
     return FinetuneResult(**{**result.__dict__, "version": version})
 
 

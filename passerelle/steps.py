@@ -13,11 +13,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapters.finetune import FinetuneOptions, FinetuneResult, finetune_version
 from passerelle.corpus import (
     Corpus,
     generate,
@@ -44,6 +43,9 @@ from registry.model_dir import open_model_dir
 from registry.store import TAG, ModelStore, PrivacyUnit, Provenance, VersionInfo, VersionRef
 from transfer.acts import Recorder, recorder, subject
 from transfer.records import RecordKind
+
+if TYPE_CHECKING:  # TensorFlow loads with these: imported where fine-tuning runs
+    from adapters.finetune import FinetuneOptions, FinetuneResult
 
 
 @dataclass(frozen=True)
@@ -199,14 +201,37 @@ def _record_audit(rec: Recorder, result: AuditResult, report: Path) -> None:
 
 def finetune_options(**kwargs: Any) -> FinetuneOptions:
     """The fine-tuning options; bad values are BadInput."""
+    from adapters.finetune import FinetuneOptions
+
     return FinetuneOptions(**kwargs)
 
 
 def finetune_model(store: ModelStore, ref: VersionRef, data: Path, options: FinetuneOptions,
                    rng: np.random.Generator | None = None,
                    progress: Progress | None = None) -> FinetuneResult:
-    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune)."""
-    return finetune_version(store, ref, data, options, rng, progress)
+    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune),
+    recorded in the site's ledger with its privacy figures."""
+    with recorder(store.home) as rec:
+        def record(version: VersionInfo, r: FinetuneResult) -> None:
+            onnx_digest = version.tags.get(TAG + "onnx_digest")
+            rec.record(RecordKind.FINETUNE,
+                       subject("onnx", str(version.ref), onnx_digest)
+                       + subject("dataset", str(data.name), r.dataset),
+                       {"model": version.ref.name, "version": version.ref.version,
+                        "source_version": r.source.version, "onnx_digest": onnx_digest,
+                        "dataset": r.dataset, "privacy_unit": r.privacy_unit,
+                        "epsilon": r.epsilon_pld, "accountant": "PLD",
+                        "epsilon_rdp": r.epsilon_rdp, "delta": r.delta,
+                        "noise_multiplier": r.noise_multiplier,
+                        "sampling_rate": r.sampling_rate, "steps": r.steps, "clip": r.clip,
+                        "trainable": list(r.trainable),
+                        "accuracy_before": r.accuracy_before,
+                        "accuracy_after": r.accuracy_after,
+                        "budget_spent": r.budget.epsilon, "budget_cap": r.budget_cap})
+
+        from adapters.finetune import finetune_version
+
+        return finetune_version(store, ref, data, options, rng, progress, record)
 
 
 def _check_new_dir(out: Path) -> None:

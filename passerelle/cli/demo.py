@@ -36,6 +36,7 @@ from transfer.trust import TrustStore
 MODEL_NAME = "pmsi-coder"
 SITE_X, SITE_Y = "CHU-X", "CH-Y"
 CANARIES = 10
+EPSILON, DELTA = 3.0, 1e-5  # site Y's fine-tuning target, patient level
 PURPOSE = "PMSI coding assistance: suggest the main CIM-10 diagnosis of a stay"
 LEGAL_BASIS = ("GDPR art. 6(1)(e) public interest task; art. 9(2)(h) health care "
                "management (synthetic data in this demo)")
@@ -49,7 +50,8 @@ def add_to(sub: Subparsers) -> None:
         "held-out patients and on Y); register it in X's MLflow registry (SQLite under\n"
         "WORKDIR/site-x); audit it for memorised patient data (membership inference,\n"
         "canaries, identifier scan); export it to ONNX through the gate; sign and encrypt\n"
-        "it for site Y, which verifies and registers it (WORKDIR/site-y); then check both\n"
+        "it for site Y, which verifies and registers it (WORKDIR/site-y); fine-tune it at Y\n"
+        "on Y's stays under DP-SGD (patient level, epsilon 3, delta 1e-5); then check both\n"
         "sites' ledgers against each other and write each site's report.\n"
         "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).\n"
         "--home is not used: each simulated site has its home under WORKDIR.",
@@ -98,7 +100,7 @@ def demo(args: argparse.Namespace) -> int:
     plan: list[tuple[str, Callable[[_Run], str]]] = [
         ("generate", _generate), ("sites", _sites), ("train", _train),
         ("register", _register), ("audit", _audit), ("export", _export),
-        ("transfer", _transfer), ("ledgers", _ledgers),
+        ("transfer", _transfer), ("finetune", _finetune), ("ledgers", _ledgers),
     ]
     for number, (name, step) in enumerate(plan, start=1):
         t = time.perf_counter()
@@ -205,6 +207,27 @@ def _transfer(run: _Run) -> str:
     return (f"{SITE_X} signed and encrypted {ref} for {SITE_Y} ({path}, {created.size} bytes); "
             f"{SITE_Y} verified it and registered it as {received.version.ref} in its own "
             f"registry, installed in {received.directory}")
+
+
+def _finetune(run: _Run) -> str:
+    received = VersionRef.parse(run.summary["bundle"]["received_as"])
+    options = steps.finetune_options(epsilon=EPSILON, delta=DELTA, drop_unknown_codes=True)
+    with progress_bar(run.args) as progress:
+        r = steps.finetune_model(ModelStore(run.home_y), received, run.data_y, options,
+                                 progress=progress)
+    run.summary["finetune"] = {
+        "version": str(r.version.ref), "epsilon_pld": r.epsilon_pld,
+        "epsilon_rdp": r.epsilon_rdp, "delta": r.delta, "privacy_unit": r.privacy_unit,
+        "noise_multiplier": r.noise_multiplier, "sampling_rate": r.sampling_rate,
+        "steps": r.steps, "accuracy_before": r.accuracy_before,
+        "accuracy_after": r.accuracy_after, "budget_spent": r.budget.epsilon,
+        "budget_cap": r.budget_cap}
+    return (f"{SITE_Y} fine-tuned {received} on its own stays under DP-SGD ({r.privacy_unit} "
+            f"level, ε = {r.epsilon_pld:.3f} by PLD, {r.epsilon_rdp:.3f} by RDP, δ = "
+            f"{r.delta:g}, noise {r.noise_multiplier:.3f}, q = {r.sampling_rate:.4f}, "
+            f"{r.steps} steps): accuracy on its held-out patients {r.accuracy_before:.1%} → "
+            f"{r.accuracy_after:.1%}; registered as {r.version.ref}; budget spent on this "
+            f"dataset {r.budget.epsilon:.3f} of {r.budget_cap:g}")
 
 
 def _ledgers(run: _Run) -> str:
