@@ -53,6 +53,7 @@ class Report:
     trust: tuple[TrustEntry, ...]
     records: tuple[Record, ...]
     roc: dict[str, str] = field(default_factory=dict)  # "name/version" -> data: URI
+    dp_curves: dict[int, str] = field(default_factory=dict)  # finetune record seq -> data: URI
 
     def of_kind(self, *kinds: RecordKind) -> list[Record]:
         return [r for r in self.records if r.kind in kinds]
@@ -80,7 +81,52 @@ def build_report(home: Path, url: str | None = None, store: ModelStore | None = 
     return Report(site=me.site, fingerprint=me.fingerprint, age_recipient=me.age_recipient,
                   generated=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
                   integrity=integrity, trust=tuple(TrustStore(home).entries()),
-                  records=records, roc=_roc_plots(home, records, store))
+                  records=records, roc=_roc_plots(home, records, store),
+                  dp_curves=_dp_curves(records))
+
+
+def _dp_curves(records: Sequence[Record]) -> dict[int, str]:
+    """For each fine-tuning run, epsilon over the steps (RDP, at the run's delta) with the
+    claimed final epsilon (PLD), as PNG ``data:`` URIs."""
+    curves = {}
+    for r in records:
+        if r.kind is not RecordKind.FINETUNE:
+            continue
+        try:
+            q, z = float(r.fields["sampling_rate"]), float(r.fields["noise_multiplier"])
+            steps, delta = int(r.fields["steps"]), float(r.fields["delta"])
+            claimed = float(r.fields["epsilon"])
+        except (KeyError, TypeError, ValueError):
+            continue  # an older record without the figures: the table still shows it
+        curves[r.seq] = _epsilon_curve_png(q, z, steps, delta, claimed)
+    return curves
+
+
+def _epsilon_curve_png(q: float, z: float, steps: int, delta: float, claimed: float) -> str:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adapters.dp import Accountant, dp_sgd_event, epsilon_of
+
+    points = sorted({max(1, round(steps * i / 24)) for i in range(1, 25)})
+    eps = [epsilon_of([dp_sgd_event(q, z, k)], delta, Accountant.RDP) for k in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
+    ax.plot(points, eps, marker=".", label="RDP accountant (upper bound)")
+    ax.scatter([steps], [claimed], color="crimson", zorder=3,
+               label=f"claimed at the end: {claimed:.4f} (PLD)")
+    ax.set(xlabel="DP-SGD steps", ylabel=f"epsilon at delta = {delta:g}",
+           title=f"Epsilon over steps (q = {q:.4g}, noise = {z:.4g})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _roc_plots(home: Path, records: Sequence[Record],
@@ -269,6 +315,10 @@ def _dp_budget(report: Report) -> str:
         body = _table(("record", "time", "model", "dataset", "epsilon", "delta"), [
             (f"seq {r.seq}", _e(r.time[:19]), _e(r.model), _code(r.fields.get("dataset")),
              _e(r.fields.get("epsilon")), _e(r.fields.get("delta"))) for r in runs])
+        body += "".join(
+            f'<figure class="dp-curve"><img alt="epsilon over steps, record seq {seq}" '
+            f'src="{uri}"><figcaption>record seq {seq}</figcaption></figure>'
+            for seq, uri in sorted(report.dp_curves.items()))
     return f'<section id="dp-budget"><h2>Differential-privacy budget</h2>{body}</section>'
 
 
