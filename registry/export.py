@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -185,12 +185,18 @@ def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
                       card=card)
 
 
+def audit_passed(tags: Mapping[str, str], onnx_digest: str) -> bool:
+    """Whether the version's audit verdict is PASS for exactly these ONNX bytes."""
+    return (tags.get(TAG + "audit.verdict") == "PASS"
+            and tags.get(TAG + "audit.onnx_digest") == onnx_digest)
+
+
 def check_gate(store: ModelStore, export: OnnxExport, override: Override | None) -> str:
     """PASS verdict for these exact ONNX bytes, or a recorded override; else Refused."""
     info = store.get(export.ref)
     verdict = info.tags.get(TAG + "audit.verdict")
     audited = info.tags.get(TAG + "audit.onnx_digest")
-    if verdict == "PASS" and audited == export.onnx_digest:
+    if audit_passed(info.tags, export.onnx_digest):
         return "audit PASS"
     if override is None:
         why = ("no audit" if verdict is None else

@@ -22,7 +22,7 @@ from typing import Any
 
 from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import BadInput, GateRefused, PasserelleError, Refused
-from registry.export import shippable
+from registry.export import audit_passed, shippable
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
 from transfer.acts import Recorder, recorder, subject
 from transfer.archive import Limits
@@ -90,7 +90,7 @@ def export_gate(info: VersionInfo, onnx_digest: str) -> str:
     """
     tags = info.tags
     verdict = tags.get(TAG + "audit.verdict")
-    if verdict == "PASS" and tags.get(TAG + "audit.onnx_digest") == onnx_digest:
+    if audit_passed(tags, onnx_digest):
         return "PASS"
     if tags.get(TAG + "export.override.onnx_digest") == onnx_digest:
         approver = tags.get(TAG + "export.override.approver", "unknown")[:200]

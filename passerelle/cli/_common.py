@@ -60,34 +60,30 @@ def home_of(args: argparse.Namespace) -> Path:
     return home
 
 
-def positive_int(text: str) -> int:
+def _parse(text: str, kind: type[int] | type[float], what: str) -> float:
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _refuse(text: str, rule: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"{text!r} {rule}")
+
+
+def positive_int(text: str) -> int:
+    value = int(_parse(text, int, "a whole number"))
+    return value if value >= 1 else _refuse(text, "must be at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
+    value = int(_parse(text, int, "a whole number"))
+    return value if value >= 0 else _refuse(text, "must not be negative")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
+    value = _parse(text, float, "a number")
+    return value if value > 0 else _refuse(text, "must be positive")
 
 
 def one_line(text: str) -> str:
