@@ -74,6 +74,8 @@ class RecordKind(StrEnum):
     TRUST_ADDED = "trust_added"
     TRUST_REVOKED = "trust_revoked"
     TRUST_ROTATED = "trust_rotated"
+    SITE_POLICY_CHANGED = "site_policy_changed"
+    PSEUDONYM_KEY_CREATED = "pseudonym_key_created"
 
     @property
     def predicate_type(self) -> str:

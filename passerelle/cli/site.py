@@ -16,6 +16,7 @@ from transfer.identity import (
     read_passphrase,
     rotate_site,
 )
+from transfer.site_policy import KEYS, load_policy, set_value
 
 
 def add_to(sub: Subparsers) -> None:
@@ -40,6 +41,26 @@ def add_to(sub: Subparsers) -> None:
         "Create new keys; the new public identity is signed by the current key too, so a\n"
         "site that trusts the current key accepts the new one with `trust add` alone.\n"
         "Old keys are kept under identity/retired/.")
+    policy = group.add_parser(
+        "policy", help="the site's own settings (budget cap, pinned audit policy, ...)"
+    ).add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    add_command(
+        policy, "show", policy_show, "print the site's settings and their defaults",
+        "Print every setting of the site policy (HOME/site-policy.toml): its value, its\n"
+        "default and what it is for. The file is checked against the ledger first.")
+    p = add_command(
+        policy, "set", policy_set, "change one setting of the site policy (recorded)",
+        "Change one setting. The change is a signed `site_policy_changed` record in the\n"
+        "ledger (old and new value, approver, justification, digest of the new file);\n"
+        "a file the ledger did not record is refused by every command that reads it.\n"
+        "Settings:\n" + "\n".join(f"  {k.name} (default {k.default!r}): {k.help}"
+                                   for k in KEYS.values()))
+    p.add_argument("key", metavar="KEY", help="the setting, e.g. privacy.epsilon_cap")
+    p.add_argument("value", metavar="VALUE", help="its new value")
+    p.add_argument("--approver", required=True, metavar="NAME",
+                   help="who approves the change (recorded; required)")
+    p.add_argument("--justification", required=True, metavar="TEXT",
+                   help="why (recorded; required)")
 
 
 def _passphrase(args: argparse.Namespace) -> str | None:
@@ -77,4 +98,42 @@ def rotate(args: argparse.Namespace) -> int:
     emit(args, doc, lambda: console.print(
         f"site {public.site}: new key {public.fingerprint} (vouched for by "
         f"{public.previous_fingerprint}); publish `passerelle site show`"))
+    return 0
+
+
+def _policy_doc(home: Path) -> dict[str, object]:
+    policy = load_policy(home)
+    return {"digest": policy.digest,
+            "settings": {name: {"value": _plain(policy.values[name]),
+                                "default": _plain(key.default), "help": key.help}
+                         for name, key in KEYS.items()}}
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def policy_show(args: argparse.Namespace) -> int:
+    doc = _policy_doc(home_of(args))
+
+    def human() -> None:
+        console.print(f"site policy: {doc['digest'] or 'defaults (no change recorded)'}")
+        settings = doc["settings"]
+        assert isinstance(settings, dict)  # noqa: S101
+        for name, item in settings.items():
+            mark = "" if item["value"] == item["default"] else " (changed)"
+            console.print(f"  {name} = {item['value']!r}{mark}: {item['help']}")
+
+    emit(args, doc, human)
+    return 0
+
+
+def policy_set(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    before = load_policy(home)
+    after = set_value(home, args.key, args.value, args.approver, args.justification)
+    doc = {"setting": args.key, "old": _plain(before.get(args.key)),
+           "new": _plain(after.get(args.key)), "digest": after.digest}
+    emit(args, doc, lambda: console.print(
+        f"{args.key}: {doc['old']!r} -> {doc['new']!r} (recorded; policy {after.digest})"))
     return 0
