@@ -285,6 +285,7 @@ def set_value(home: Path, name: str, raw: str, approver: str, justification: str
     digest = sha256_bytes(data)
     path = home / POLICY_FILE
     fd, tmp = tempfile.mkstemp(prefix=".site-policy-", dir=home)
+    recorded = False
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -296,8 +297,11 @@ def set_value(home: Path, name: str, raw: str, approver: str, justification: str
                         "approver": approver.strip(), "justification": justification.strip(),
                         "policy_digest": digest,
                         "previous_digest": current.digest})
+        recorded = True
         os.replace(tmp, path)
     except BaseException:
+        if recorded:  # the change is in the ledger: the file must follow (roll forward)
+            _roll_forward(home, digest)
         Path(tmp).unlink(missing_ok=True)
         raise
     return SitePolicy(MappingProxyType(values), digest)
