@@ -1,37 +1,77 @@
-"""The compliance officer's report: one self-contained HTML page about this site's ledger.
+"""The compliance officer's report: one self-contained page about this site's ledger.
 
-``write_report(home, out)`` checks the ledger (signatures, chain, digests against the
-site's MLflow store) and writes one HTML file that needs nothing else: inline CSS, the
-audit ROC plots as ``data:`` URIs, and a Content-Security-Policy that forbids any
-fetch. Sections, top to bottom: the overall integrity verdict; the site's identity;
-the trust store; transfers out (each with its audit verdict, ROC plot and any export
-override) and in (with the sender's record it names); refusals; the differential-privacy
-budget; every record.
+``write_report(home, out, lang=...)`` checks the ledger (signatures, chain, digests
+against the site's MLflow store) and writes one HTML file that needs nothing else
+(inline CSS and script, images as ``data:`` URIs, a Content-Security-Policy that forbids
+any fetch), or a PDF of it (``FILE.pdf``, printed by headless Chromium). The page is
+signed by the site's key (:mod:`transfer.report_signature`).
+
+Top to bottom: the integrity verdict; a summary, one line per question a data protection
+officer asks (:data:`SUMMARY`: a table of record kinds -> line builder, so a kind added
+later slots in with one entry; kinds no entry covers get a generic line); the site's
+identity and trust store; transfers out, each with its evidence (the audit's figures,
+ROC plot, policy, override) and links to its records; transfers in, with the sender's
+audit as shipped; the DP runs and budget per dataset; every record, filterable and
+expandable to its full signed statement; the report's digest and signature.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from passerelle.errors import PasserelleError
-from registry.store import ModelStore, VersionRef
+from registry.store import ModelStore
+from transfer.evidence import (
+    FINETUNE_DONE,
+    FINETUNE_FAILED,
+    FINETUNE_STARTED,
+    AuditEvidence,
+    DpRun,
+    budgets,
+    dp_runs,
+    shipped_audits,
+    source_audits,
+)
+from transfer.evidence_html import (
+    audit_html,
+    budget_table,
+    curve_png,
+    dp_table,
+)
+from transfer.evidence_html import (
+    epsilon_curve_png as _epsilon_curve_png,
+)
+from transfer.i18n import Lang, down, parse_utc, text, up, up_significant, when
 from transfer.identity import public_identity
 from transfer.ledger import Verification
 from transfer.ledger_errors import LedgerBroken
-from transfer.ledger_site import mlflow_digest_checker, open_ledger, own_keys
-from transfer.records import Record, RecordKind
-from transfer.trust import TrustEntry, TrustStore
+from transfer.ledger_site import mlflow_digest_checker, open_ledger, own_keys, site_signer
+from transfer.pdf import print_pdf
+from transfer.records import Record
+from transfer.report_html import (
+    code,
+    dl,
+    e,
+    model_of,
+    page,
+    rec_link,
+    records_section,
+    signature_section,
+    table,
+    verdict,
+)
+from transfer.report_signature import sidecar, sign_bytes, sign_page
+from transfer.trust import Status, TrustEntry, TrustStore
 
-ROC_ARTIFACT = "audit/roc.png"
-MAX_IMAGE = 4 << 20  # a ROC plot is tens of kB; refuse to inline anything huge
+__all__ = ["SUMMARY", "Report", "_epsilon_curve_png", "build_report", "render_html",
+           "write_report"]
+
+EXPIRY_WARNING_DAYS = 14
 
 
 @dataclass(frozen=True)
@@ -52,11 +92,23 @@ class Report:
     integrity: Integrity
     trust: tuple[TrustEntry, ...]
     records: tuple[Record, ...]
-    roc: dict[str, str] = field(default_factory=dict)  # "name/version" -> data: URI
-    dp_curves: dict[int, str] = field(default_factory=dict)  # finetune record seq -> data: URI
+    audits: Mapping[str, AuditEvidence] = field(default_factory=dict)  # "name/version"
+    shipped: Mapping[str, AuditEvidence] = field(default_factory=dict)  # local name/version
+    runs: tuple[DpRun, ...] = ()
+    curves: Mapping[int, str] = field(default_factory=dict)  # run record seq -> data: URI
 
-    def of_kind(self, *kinds: RecordKind) -> list[Record]:
-        return [r for r in self.records if r.kind in kinds]
+    def of_kind(self, *kinds: str) -> list[Record]:
+        """Records whose kind's value is one of ``kinds`` (names of kinds, so that kinds
+        other modules add are found without importing them)."""
+        return [r for r in self.records if r.kind.value in kinds]
+
+    def about(self, kind: str, model: Any, version: Any) -> list[Record]:
+        return [r for r in self.of_kind(kind)
+                if r.fields.get("model") == model and r.fields.get("version") == version]
+
+    @property
+    def now(self) -> datetime:
+        return parse_utc(self.generated) or datetime.now(UTC)
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -78,285 +130,379 @@ def build_report(home: Path, url: str | None = None, store: ModelStore | None = 
             records = tuple(ledger.records())
         except LedgerBroken:  # a record no longer parses: only the verdict can be shown
             records = ()
+    runs = tuple(dp_runs(records))
+    curves = {run.record.seq: uri for run in runs if (uri := curve_png(run)) is not None}
     return Report(site=me.site, fingerprint=me.fingerprint, age_recipient=me.age_recipient,
                   generated=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
                   integrity=integrity, trust=tuple(TrustStore(home).entries()),
-                  records=records, roc=_roc_plots(home, records, store),
-                  dp_curves=_dp_curves(records))
+                  records=records, audits=source_audits(home, records, store),
+                  shipped=shipped_audits(home, records, store), runs=runs, curves=curves)
 
 
-def _dp_curves(records: Sequence[Record]) -> dict[int, str]:
-    """For each fine-tuning run, epsilon over the steps (RDP, at the run's delta) with the
-    claimed final epsilon (PLD), as PNG ``data:`` URIs."""
-    curves = {}
-    for r in records:
-        if r.kind is not RecordKind.FINETUNE:
-            continue
-        try:
-            q, z = float(r.fields["sampling_rate"]), float(r.fields["noise_multiplier"])
-            steps, delta = int(r.fields["steps"]), float(r.fields["delta"])
-            claimed = float(r.fields["epsilon"])
-        except (KeyError, TypeError, ValueError):
-            continue  # an older record without the figures: the table still shows it
-        curves[r.seq] = _epsilon_curve_png(q, z, steps, delta, claimed)
-    return curves
+# -- the summary: one line per question, built from a table of kinds -------------------
+
+Severity = Literal["ok", "warn", "bad", ""]
+Answer = tuple[str, Severity]  # (HTML, severity)
+Builder = Callable[[Report, Lang], Answer]
 
 
-def _epsilon_curve_png(q: float, z: float, steps: int, delta: float, claimed: float) -> str:
-    import io
+@dataclass(frozen=True)
+class SummaryLine:
+    """One question of the summary, the record kinds it answers from, its builder."""
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from adapters.dp import Accountant, dp_sgd_event, epsilon_of
-
-    points = sorted({max(1, round(steps * i / 24)) for i in range(1, 25)})
-    eps = [epsilon_of([dp_sgd_event(q, z, k)], delta, Accountant.RDP) for k in points]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
-    ax.plot(points, eps, marker=".", label="RDP accountant (upper bound)")
-    ax.scatter([steps], [claimed], color="crimson", zorder=3,
-               label=f"claimed at the end: {claimed:.4f} (PLD)")
-    ax.set(xlabel="DP-SGD steps", ylabel=f"epsilon at delta = {delta:g}",
-           title=f"Epsilon over steps (q = {q:.4g}, noise = {z:.4g})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    question: str  # a key of transfer.i18n.STRINGS
+    kinds: tuple[str, ...]
+    build: Builder
 
 
-def _roc_plots(home: Path, records: Sequence[Record],
-               store: ModelStore | None) -> dict[str, str]:
-    """The ROC plot of every audited version still in MLflow, as ``data:`` URIs."""
-    refs = {f"{r.fields.get('model')}/{r.fields.get('version')}"
-            for r in records if r.kind is RecordKind.AUDIT_VERDICT}
-    plots: dict[str, str] = {}
-    if not refs:
-        return plots
-    store = store or ModelStore(home)
-    with tempfile.TemporaryDirectory(prefix=".report-", dir=home) as tmp:
-        for i, text in enumerate(sorted(refs)):
-            try:
-                info = store.get(VersionRef.parse(text))
-                png = store.download(info, ROC_ARTIFACT, Path(tmp) / str(i))
-                data = png.read_bytes()
-            except (PasserelleError, OSError, ValueError):
-                continue  # the version or its plot is gone: the page says so
-            if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) <= MAX_IMAGE:
-                plots[text] = "data:image/png;base64," + base64.b64encode(data).decode()
-    return plots
+def _items(items: Sequence[str], lang: Lang) -> str:
+    return "<br>".join(items) if items else e(text(lang, "none_recorded"))
 
 
-# -- rendering ------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
-max-width:1180px;color:#1d2733;line-height:1.4}
-h1{margin-bottom:.2em}h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
-.sub{color:#57606a}
-#verdict{padding:1em 1.2em;border-radius:8px;font-size:1.15em;margin:1em 0}
-#verdict.ok{background:#dafbe1;border:2px solid #1a7f37}
-#verdict.broken{background:#ffebe9;border:2px solid #cf222e}
-table{border-collapse:collapse;width:100%;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #d0d7de;padding:.3em .5em;text-align:left;vertical-align:top}
-th{background:#f6f8fa}
-code{font-size:.85em;word-break:break-all}
-.transfer{border:1px solid #d0d7de;border-radius:8px;padding:.8em 1em;margin:1em 0}
-.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
-img.roc{max-width:520px;border:1px solid #d0d7de}
-.flex{display:flex;gap:1.5em;flex-wrap:wrap}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _code(value: Any) -> str:
-    return f"<code>{_e(value)}</code>"
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _verdict_class(text: Any) -> str:
-    return "pass" if str(text).startswith("PASS") else "fail"
-
-
-def _dl(pairs: Iterable[tuple[str, str]]) -> str:
-    return _table(("", ""), ((f"<b>{_e(k)}</b>", v) for k, v in pairs)).replace(
-        "<thead><tr><th></th><th></th></tr></thead>", "")
-
-
-def _integrity(report: Report) -> str:
+def _integrity_line(report: Report, lang: Lang) -> Answer:
     i = report.integrity
-    state, word = ("ok", "VERIFIED") if i.ok else ("broken", "BROKEN")
-    return (f'<section id="verdict" class="{state}"><b>Ledger integrity: {word}</b> '
-            f"&mdash; {_e(i.summary)}.<br><span class='sub'>Checked: the signature of every "
-            "record (this site's current and retired keys), the hash chain from the first "
-            "record, and that the model and ONNX digests named still match the site's "
-            "MLflow store where the versions still exist. Dropped newest records are "
-            "detectable only against a checkpoint or a peer's export kept elsewhere "
-            "(<code>passerelle records verify --checkpoint/--peer</code>).</span></section>")
+    word = text(lang, "integrity_ok" if i.ok else "integrity_broken")
+    return f"<b>{e(word)}</b> — {e(_integrity_summary(report, lang))}", "ok" if i.ok else "bad"
 
 
-def _identity(report: Report) -> str:
-    return ('<section id="identity"><h2>Site identity</h2>' + _dl([
-        ("site", _e(report.site)), ("signing key fingerprint", _code(report.fingerprint)),
-        ("age recipient", _code(report.age_recipient)),
-        ("records in the ledger", _e(len(report.records)))]) + "</section>")
-
-
-def _trust(report: Report) -> str:
-    rows = [(_e(t.identity.site), _code(t.identity.fingerprint), _e(t.status.value),
-             _e(t.added), _e(t.changed or "")) for t in report.trust]
-    body = _table(("site", "fingerprint", "status", "added", "changed"), rows) if rows else \
-        "<p>No site is trusted.</p>"
-    return f'<section id="trust"><h2>Trust store</h2>{body}</section>'
-
-
-def _audit_evidence(report: Report, model: Any, version: Any) -> str:
-    audits = [r for r in report.of_kind(RecordKind.AUDIT_VERDICT)
-              if r.fields.get("model") == model and r.fields.get("version") == version]
-    overrides = [r for r in report.of_kind(RecordKind.EXPORT_OVERRIDE)
-                 if r.fields.get("model") == model and r.fields.get("version") == version]
-    parts = []
-    if audits:
-        a = audits[-1]
-        failed = ", ".join(a.fields.get("failed") or []) or "none"
-        parts.append(_dl([
-            ("audit verdict", f"<span class='{_verdict_class(a.fields.get('verdict'))}'>"
-                              f"{_e(a.fields.get('verdict'))}</span> (record seq {a.seq})"),
-            ("failed criteria", _e(failed)),
-            ("policy", f"{_e(a.fields.get('policy'))} {_code(a.fields.get('policy_digest'))}"),
-            ("audited ONNX", _code(a.fields.get("onnx_digest"))),
-            ("audit report", _code(a.fields.get("report_digest")))]))
-    else:
-        parts.append("<p>No audit verdict recorded at this site for this version.</p>")
-    for o in overrides:
-        parts.append(_dl([
-            ("export override by", f"<b>{_e(o.fields.get('approver'))}</b> (record seq "
-                                   f"{o.seq}, {_e(o.time[:19])})"),
-            ("justification", _e(o.fields.get("justification"))),
-            ("verdict overridden", _e(o.fields.get("audit_verdict")))]))
-    roc = report.roc.get(f"{model}/{version}")
-    plot = (f'<img class="roc" alt="ROC curves of the membership-inference attacks on '
-            f'{_e(model)}/{_e(version)}" src="{roc}">' if roc else
-            "<p class='sub'>No ROC plot in this site's MLflow store for this version.</p>")
-    return f"<div class='flex'><div>{''.join(parts)}</div><div>{plot}</div></div>"
-
-
-def _transfers_out(report: Report) -> str:
-    created = report.of_kind(RecordKind.BUNDLE_CREATED)
-    items = []
-    for r in created:
+def _sent_line(report: Report, lang: Lang) -> Answer:
+    items: list[str] = []
+    severity: Severity = "ok"
+    for r in report.of_kind("bundle_created"):
         f = r.fields
-        items.append(
-            f"<div class='transfer'><h3>{_e(f.get('model'))}/{_e(f.get('version'))} "
-            f"&rarr; {_e(', '.join(f.get('to') or []))}</h3>" + _dl([
-                ("record", f"seq {r.seq} {_code(r.id)} ({_e(r.time[:19])})"),
-                ("sequence", _e(f.get("sequence"))),
-                ("purpose", _e(f.get("purpose"))), ("legal basis", _e(f.get("legal_basis"))),
-                ("verdict shipped", f"<span class='{_verdict_class(f.get('audit_verdict'))}'>"
-                                    f"{_e(f.get('audit_verdict'))}</span>"),
-                ("payload digest", _code(f.get("bundle"))),
-                ("ONNX digest", _code(f.get("onnx_digest"))),
-                ("signature and chain", "verified" if report.integrity.ok else
-                 "see the integrity verdict above")])
-            + _audit_evidence(report, f.get("model"), f.get("version")) + "</div>")
-    body = "".join(items) or "<p>No bundle was created at this site.</p>"
-    return f'<section id="transfers-out"><h2>Transfers out</h2>{body}</section>'
+        line = e(text(lang, "sent_line", model=f"{f.get('model')}/{f.get('version')}",
+                      to=", ".join(f.get("to") or []), verdict=f.get("audit_verdict")))
+        line += f" ({rec_link(r)}, <a href='#transfer-{r.seq}'>{e(text(lang, 'evidence'))}"
+        line += "</a>)"
+        for o in report.about("export_override", f.get("model"), f.get("version")):
+            severity = "bad"
+            line += "<br><span class='bad'>" + e(text(
+                lang, "override_line", verdict=o.fields.get("audit_verdict"),
+                approver=o.fields.get("approver"),
+                justification=o.fields.get("justification"))) + f"</span> ({rec_link(o)})"
+        items.append(line)
+    return _items(items, lang), severity if items else ""
 
 
-def _transfers_in(report: Report) -> str:
+def _received_line(report: Report, lang: Lang) -> Answer:
+    items = [e(text(lang, "received_line", model=f"{r.fields.get('model')}/"
+                    f"{r.fields.get('version')}", sender=r.fields.get("from"),
+                    local=f"{r.fields.get('local_model')}/{r.fields.get('local_version')}",
+                    verdict=r.fields.get("audit_verdict"))) + f" ({rec_link(r)})"
+             for r in report.of_kind("bundle_received")]
+    return _items(items, lang), ""
+
+
+def _refused_line(report: Report, lang: Lang) -> Answer:
+    refused = report.of_kind("bundle_refused")
+    if not refused:
+        return e(text(lang, "none_recorded")), "ok"
+    reasons = ", ".join(f"{rec_link(r)} {e(r.fields.get('check'))}" for r in refused)
+    return text(lang, "refused_line", n=len(refused), reasons=reasons), "warn"
+
+
+def _budget_line(report: Report, lang: Lang) -> Answer:
+    found = budgets(report.runs)
+    if not found:
+        return e(text(lang, "no_budget")), ""
+    lines: list[str] = []
+    severity: Severity = "ok"
+    for b in found:
+        if b.remaining is not None and b.cap and b.remaining < 0.1 * b.cap:
+            severity = "warn"
+        lines.append(e(text(lang, "budget_line", dataset=b.dataset[:19] + "…",
+                            spent=up(b.spent), cap=f"{b.cap:g}" if b.cap else "?",
+                            remaining=down(b.remaining), delta=up_significant(b.delta),
+                            unit=b.unit, runs=b.runs)))
+    return "<br>".join(lines), severity
+
+
+def _finetune_problems_line(report: Report, lang: Lang) -> Answer:
+    bad = [run for run in report.runs if run.outcome != "done"]
+    if not bad:
+        return e(text(lang, "none_recorded")), "ok" if report.runs else ""
+    items = [f"{rec_link(run.record)} {e(model_of(run.record))}: "
+             + e(text(lang, "run_failed" if run.outcome == "failed" else "run_interrupted"))
+             for run in bad]
+    return "<br>".join(items), "bad"
+
+
+def _withdrawn_line(report: Report, lang: Lang) -> Answer:
+    found = report.of_kind("model_withdrawn", "notice_received", "notice_refused")
+    items = [f"{rec_link(r)} {e(model_of(r))} {e(r.fields.get('reason') or '')}"
+             for r in found]
+    return _items(items, lang), "warn" if items else ""
+
+
+def _expiring_line(report: Report, lang: Lang) -> Answer:
+    items: list[str] = []
+    severity: Severity = ""
+    for r in report.of_kind("bundle_created"):
+        expires = parse_utc(str(r.fields.get("expires") or ""))
+        if expires is None:
+            continue
+        what = f"{model_of(r)} → {', '.join(r.fields.get('to') or [])}"
+        days = (expires - report.now).total_seconds() / 86400
+        if days >= 0:
+            items.append(e(text(lang, "expires_in", what=what, when=when(expires.isoformat()),
+                                days=int(days))) + f" ({rec_link(r)})")
+            if days < EXPIRY_WARNING_DAYS:
+                severity = "warn"
+        else:
+            items.append(e(text(lang, "expired_on", what=what, when=when(expires.isoformat())))
+                         + f" ({rec_link(r)})")
+    return _items(items, lang), severity
+
+
+def _policy_line(report: Report, lang: Lang) -> Answer:
+    items = [f"{rec_link(r)} {e(r.fields.get('setting'))}: {e(r.fields.get('old'))} → "
+             f"{e(r.fields.get('new'))} ({e(r.fields.get('approver'))}: "
+             f"“{e(r.fields.get('justification'))}”)"
+             for r in report.of_kind("site_policy_changed")]
+    return _items(items, lang), "warn" if items else ""
+
+
+def _trust_line(report: Report, lang: Lang) -> Answer:
+    trusted = sum(1 for t in report.trust if t.status is Status.TRUSTED)
+    changes = report.of_kind("trust_added", "trust_revoked", "trust_rotated")
+    sites = ", ".join(sorted({t.identity.site for t in report.trust
+                              if t.status is Status.TRUSTED}))
+    return (e(text(lang, "trust_line", trusted=trusted, changes=len(changes)))
+            + (f" ({e(sites)})" if sites else "")), ""
+
+
+SUMMARY: tuple[SummaryLine, ...] = (
+    SummaryLine("q_integrity", (), _integrity_line),
+    SummaryLine("q_sent", ("bundle_created", "export", "export_override", "model_registered",
+                           "audit_verdict"), _sent_line),
+    SummaryLine("q_received", ("bundle_received",), _received_line),
+    SummaryLine("q_refused", ("bundle_refused",), _refused_line),
+    SummaryLine("q_budget", FINETUNE_DONE, _budget_line),
+    SummaryLine("q_finetune_problems", (FINETUNE_STARTED, FINETUNE_FAILED),
+                _finetune_problems_line),
+    SummaryLine("q_withdrawn", ("model_withdrawn", "notice_received", "notice_refused"),
+                _withdrawn_line),
+    SummaryLine("q_expiring", (), _expiring_line),
+    SummaryLine("q_policy", ("site_policy_changed",), _policy_line),
+    SummaryLine("q_trust", ("trust_added", "trust_revoked", "trust_rotated"), _trust_line),
+)
+"""The summary's questions, in order. A new record kind gets its line by one entry here."""
+
+
+def _other_line(report: Report, lang: Lang) -> Answer | None:
+    """Kinds no summary line speaks of: counted, so nothing recorded goes unmentioned."""
+    covered = {k for line in SUMMARY for k in line.kinds}
+    counts: dict[str, list[Record]] = {}
+    for r in report.records:
+        if r.kind.value not in covered:
+            counts.setdefault(r.kind.value, []).append(r)
+    if not counts:
+        return None
+    return "<br>".join(
+        e(text(lang, "count_of_kind", n=len(found), kind=kind)) + " ("
+        + ", ".join(rec_link(r) for r in found[:10]) + ("…" if len(found) > 10 else "") + ")"
+        for kind, found in sorted(counts.items())), ""
+
+
+def _summary(report: Report, lang: Lang) -> str:
+    rows, classes = [], []
+    answers = [(line.question, line.build(report, lang)) for line in SUMMARY]
+    other = _other_line(report, lang)
+    if other is not None:
+        answers.append(("q_other", other))
+    for question, (answer, severity) in answers:
+        rows.append([f"<b>{e(text(lang, question))}</b>", answer])
+        classes.append({"bad": "bad", "warn": "warn"}.get(severity, ""))
+    return (f'<section id="summary"><h2>{e(text(lang, "summary"))}</h2>'
+            + table([text(lang, "question"), text(lang, "answer")], rows, classes)
+            + "</section>")
+
+
+# -- sections ---------------------------------------------------------------------------
+
+
+def _integrity_summary(report: Report, lang: Lang) -> str:
+    i = report.integrity
+    if i.ok and i.verification is not None:
+        return text(lang, "integrity_count", n=i.verification.count)
+    return i.summary
+
+
+def _integrity(report: Report, lang: Lang) -> str:
+    i = report.integrity
+    state = "ok" if i.ok else "broken"
+    word = text(lang, "integrity_ok" if i.ok else "integrity_broken")
+    return (f'<section id="verdict" class="{state}"><b>{e(word)}</b> &mdash; '
+            f"{e(_integrity_summary(report, lang))}.<br><span class='sub'>"
+            f"{text(lang, 'integrity_detail')}</span></section>")
+
+
+def _identity(report: Report, lang: Lang) -> str:
+    return (f'<section id="identity"><h2>{e(text(lang, "identity"))}</h2>' + dl([
+        (text(lang, "site"), e(report.site)),
+        (text(lang, "fingerprint"), code(report.fingerprint)),
+        (text(lang, "age_recipient"), code(report.age_recipient)),
+        (text(lang, "record_count"), e(len(report.records)))]) + "</section>")
+
+
+def _trust(report: Report, lang: Lang) -> str:
+    rows = [(e(t.identity.site), code(t.identity.fingerprint), e(t.status.value),
+             e(when(t.added)), e(when(t.changed) if t.changed else "")) for t in report.trust]
+    body = table((text(lang, "site"), text(lang, "fingerprint"), text(lang, "status"),
+                  text(lang, "added"), text(lang, "changed")), rows) if rows else \
+        f"<p>{e(text(lang, 'no_trust'))}</p>"
+    return f'<section id="trust"><h2>{e(text(lang, "trust"))}</h2>{body}</section>'
+
+
+def _links(report: Report, model: Any, version: Any) -> str:
+    found = [r for kind in ("model_registered", "audit_verdict", "export", "export_override")
+             for r in report.about(kind, model, version)]
+    return " · ".join(rec_link(r) for r in found)
+
+
+def _transfers_out(report: Report, lang: Lang) -> str:
     items = []
-    for r in report.of_kind(RecordKind.BUNDLE_RECEIVED):
+    for r in report.of_kind("bundle_created"):
         f = r.fields
+        model, version = f.get("model"), f.get("version")
         items.append(
-            f"<div class='transfer'><h3>{_e(f.get('model'))}/{_e(f.get('version'))} from "
-            f"{_e(f.get('from'))}</h3>" + _dl([
-                ("record", f"seq {r.seq} {_code(r.id)} ({_e(r.time[:19])})"),
-                ("sender's bundle_created record", _code(f.get("peer_record"))),
-                ("sender key", _code(f.get("sender_fingerprint"))),
-                ("registered here as", _e(f"{f.get('local_model')}/{f.get('local_version')}")),
-                ("purpose", _e(f.get("purpose"))), ("legal basis", _e(f.get("legal_basis"))),
-                ("sender's audit verdict",
-                 f"<span class='{_verdict_class(f.get('audit_verdict'))}'>"
-                 f"{_e(f.get('audit_verdict'))}</span> (the audit and its ROC plot are "
-                 "evidence at the sending site, in its report)"),
-                ("payload digest", _code(f.get("bundle"))),
-                ("ONNX digest", _code(f.get("onnx_digest"))),
-                ("bundle signatures", "outer header and OpenSSF model signature verified "
-                                      "with the sender's pinned key before installation")])
+            f"<div class='transfer' id='transfer-{r.seq}'><h3>{e(model)}/{e(version)} "
+            f"&rarr; {e(', '.join(f.get('to') or []))}</h3>" + dl([
+                (text(lang, "record"), f"{rec_link(r)} {code(r.id)} ({e(when(r.time))})"),
+                (text(lang, "links"), _links(report, model, version)),
+                (text(lang, "sequence"), e(f.get("sequence"))),
+                (text(lang, "purpose"), e(f.get("purpose"))),
+                (text(lang, "legal_basis"), e(f.get("legal_basis"))),
+                (text(lang, "verdict_shipped"), verdict(f.get("audit_verdict"))),
+                (text(lang, "validity"), e(text(lang, "validity_value",
+                                                created=when(str(f.get("created"))),
+                                                expires=when(str(f.get("expires")))))),
+                (text(lang, "receipt"), text(lang, "receipt_unknown")),
+                (text(lang, "payload_digest"), code(f.get("bundle"))),
+                (text(lang, "onnx_digest"), code(f.get("onnx_digest"))),
+                (text(lang, "signature_chain"), e(text(
+                    lang, "verified" if report.integrity.ok else "see_verdict")))])
+            + audit_html(report.audits.get(f"{model}/{version}"), lang,
+                         report.about("export_override", model, version)) + "</div>")
+    body = "".join(items) or f"<p>{e(text(lang, 'no_out'))}</p>"
+    return f'<section id="transfers-out"><h2>{e(text(lang, "transfers_out"))}</h2>{body}</section>'
+
+
+def _transfers_in(report: Report, lang: Lang) -> str:
+    items = []
+    for r in report.of_kind("bundle_received"):
+        f = r.fields
+        local = f"{f.get('local_model')}/{f.get('local_version')}"
+        tuned = [run for run in report.runs if run.fields.get("model") == f.get("local_model")
+                 and run.fields.get("source_version") == f.get("local_version")]
+        items.append(
+            f"<div class='transfer' id='transfer-{r.seq}'><h3>{e(f.get('model'))}/"
+            f"{e(f.get('version'))} {e(text(lang, 'from'))} {e(f.get('from'))}</h3>" + dl([
+                (text(lang, "record"), f"{rec_link(r)} {code(r.id)} ({e(when(r.time))})"),
+                (text(lang, "sender_record"), code(f.get("peer_record"))),
+                (text(lang, "sender_key"), code(f.get("sender_fingerprint"))),
+                (text(lang, "registered_as"), e(local)),
+                (text(lang, "purpose"), e(f.get("purpose"))),
+                (text(lang, "legal_basis"), e(f.get("legal_basis"))),
+                (text(lang, "controller"), e(report.site)),
+                (text(lang, "sender_verdict"), verdict(f.get("audit_verdict"))),
+                (text(lang, "payload_digest"), code(f.get("bundle"))),
+                (text(lang, "onnx_digest"), code(f.get("onnx_digest"))),
+                (text(lang, "bundle_signatures"), e(text(lang, "bundle_signatures_ok"))),
+                (text(lang, "links"), " · ".join(rec_link(run.record) for run in tuned))])
+            + (audit_html(report.shipped[local], lang) if local in report.shipped else "")
             + "</div>")
-    refused = [(f"seq {r.seq}", _e(r.time[:19]),
-                _e(r.fields.get("from") or f"claimed {r.fields.get('claimed_from', '?')}"),
-                _e(r.fields.get("check")), _e(r.fields.get("reason")))
-               for r in report.of_kind(RecordKind.BUNDLE_REFUSED)]
-    body = "".join(items) or "<p>No bundle was received at this site.</p>"
-    body += "<h3>Refused bundles</h3>" + (
-        _table(("record", "time", "from", "check", "reason"), refused) if refused else
-        "<p>None.</p>")
-    return f'<section id="transfers-in"><h2>Transfers in</h2>{body}</section>'
+    refused = [(rec_link(r), e(when(r.time)),
+                e(r.fields.get("from") or f"claimed {r.fields.get('claimed_from', '?')}"),
+                e(r.fields.get("check")), e(r.fields.get("reason")))
+               for r in report.of_kind("bundle_refused")]
+    body = "".join(items) or f"<p>{e(text(lang, 'no_in'))}</p>"
+    body += f"<h3>{e(text(lang, 'refused'))}</h3>" + (
+        table([text(lang, k) for k in ("record", "time", "from", "check", "reason")], refused)
+        if refused else f"<p>{e(text(lang, 'none'))}</p>")
+    return f'<section id="transfers-in"><h2>{e(text(lang, "transfers_in"))}</h2>{body}</section>'
 
 
-def _dp_budget(report: Report) -> str:
-    runs = report.of_kind(RecordKind.FINETUNE)
-    if not runs:
-        body = "<p>No fine-tuning run recorded: no differential-privacy budget spent.</p>"
+def _dp_budget(report: Report, lang: Lang) -> str:
+    if not report.runs:
+        body = f"<p>{e(text(lang, 'no_budget'))}.</p>"
     else:
-        body = _table(("record", "time", "model", "dataset", "epsilon", "delta"), [
-            (f"seq {r.seq}", _e(r.time[:19]), _e(r.model), _code(r.fields.get("dataset")),
-             _e(r.fields.get("epsilon")), _e(r.fields.get("delta"))) for r in runs])
+        body = (f"<h3>{e(text(lang, 'budget_per_dataset'))}</h3>"
+                + budget_table(budgets(report.runs), lang)
+                + f"<h3>{e(text(lang, 'dp_runs'))}</h3>" + dp_table(report.runs, lang)
+                + f"<p class='sub'>{e(text(lang, 'dp_rounding'))}</p>")
         body += "".join(
-            f'<figure class="dp-curve"><img alt="epsilon over steps, record seq {seq}" '
-            f'src="{uri}"><figcaption>record seq {seq}</figcaption></figure>'
-            for seq, uri in sorted(report.dp_curves.items()))
-    return f'<section id="dp-budget"><h2>Differential-privacy budget</h2>{body}</section>'
+            f'<figure class="dp-curve"><img class="curve" alt="epsilon over steps, record '
+            f'{seq}" src="{uri}"><figcaption>{e(text(lang, "record"))} #{seq}</figcaption>'
+            "</figure>" for seq, uri in sorted(report.curves.items()))
+    return f'<section id="dp-budget"><h2>{e(text(lang, "dp_budget"))}</h2>{body}</section>'
 
 
-def _records(report: Report) -> str:
-    rows = [(_e(r.seq), _e(r.time[:19]), _e(r.kind.value),
-             _e(f"{r.model}/{r.fields.get('version', '')}" if r.model else ""),
-             _code(r.id[:23] + "…")) for r in report.records]
-    return ('<section id="records"><h2>Every record</h2>'
-            + _table(("seq", "time (UTC)", "kind", "model", "id"), rows) + "</section>")
+def render_html(report: Report, lang: Lang = "en") -> str:
+    """The page, unsigned: UTF-8 HTML, no external resource (a CSP forbids any fetch)."""
+    title = text(lang, "site_title", site=report.site)
+    body = (f"<h1>{e(title)}</h1><p class='sub'>"
+            f"{e(text(lang, 'generated', time=when(report.generated)))}</p>"
+            + _integrity(report, lang) + _summary(report, lang) + _identity(report, lang)
+            + _trust(report, lang) + _transfers_out(report, lang) + _transfers_in(report, lang)
+            + _dp_budget(report, lang) + records_section(report.records, lang))
+    return page(lang, title, body)
 
 
-def render_html(report: Report) -> str:
-    """The page: UTF-8 HTML, no external resource (a CSP forbids any fetch)."""
-    title = f"Passerelle — ledger report of {report.site}"
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-        "img-src data:; style-src 'unsafe-inline'\">"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class='sub'>Generated {_e(report.generated)} from the "
-        "site's signed ledger, trust store and MLflow store.</p>"
-        + _integrity(report) + _identity(report) + _trust(report)
-        + _transfers_out(report) + _transfers_in(report) + _dp_budget(report)
-        + _records(report) + "</body></html>\n")
+def predicate_of(report: Report, lang: Lang, scope: str) -> dict[str, Any]:
+    """What the report's signed statement says about it."""
+    head = report.records[-1] if report.records else None
+    return {"site": report.site, "scope": scope, "lang": lang, "generated": report.generated,
+            "records": len(report.records), "ledger_head": None if head is None else head.id,
+            "ledger_verified": report.integrity.ok}
 
 
-def write_report(home: Path, out: Path, url: str | None = None,
-                 store: ModelStore | None = None, now: datetime | None = None) -> Report:
-    """Build the report and write it to ``out`` atomically."""
-    report = build_report(home, url, store, now)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+# -- writing --------------------------------------------------------------------------
+
+
+def _write_atomically(out: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.absolute().parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(render_html(report).encode("utf-8"))
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish(home: Path, out: Path, unsigned: str, predicate: Mapping[str, Any],
+            lang: Lang, site: str) -> None:
+    """Sign the page with the site's key and write it to ``out`` (HTML), or print it to a
+    PDF with its envelope beside it (``FILE.pdf.dsse.json``); atomically, nothing partial
+    left on failure."""
+    signer = site_signer(home)
+    signed = sign_page(unsigned, signer, predicate, signature_section(lang, site))
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() != ".pdf":
+        _write_atomically(out, signed.encode("utf-8"))
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.absolute().parent) as tmp:
+        html_file, pdf_file = Path(tmp) / "page.html", Path(tmp) / "page.pdf"
+        html_file.write_text(signed, encoding="utf-8")
+        print_pdf(html_file, pdf_file)
+        data = pdf_file.read_bytes()
+        envelope = sign_bytes(data, signer, {**predicate, "format": "pdf"})
+        _write_atomically(sidecar(out), (envelope + "\n").encode())
+        try:
+            _write_atomically(out, data)
+        except BaseException:
+            sidecar(out).unlink(missing_ok=True)
+            raise
+
+
+def write_report(home: Path, out: Path, url: str | None = None,
+                 store: ModelStore | None = None, now: datetime | None = None,
+                 lang: Lang = "en") -> Report:
+    """Build the site's report and write it, signed, to ``out`` (.html or .pdf)."""
+    report = build_report(home, url, store, now)
+    publish(home, out, render_html(report, lang), predicate_of(report, lang, "site"), lang,
+            report.site)
     return report
+

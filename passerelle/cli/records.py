@@ -65,6 +65,14 @@ def add_to(sub: Subparsers) -> None:
                 "the ledger (another machine, the peer, the DPO's mail); `records verify\n"
                 "--checkpoint FILE` later refuses a ledger that no longer holds that head.")
     p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    p = add_command(
+        group, "verify-report", verify_report, "check a report's or dossier's signature",
+        "Check that FILE (a report or dossier written by `passerelle report`) is signed by\n"
+        "this site's key (current or retired) or a trusted site's, and that not one byte\n"
+        "of it changed since (its digest is in the signed statement). An HTML page carries\n"
+        "its DSSE envelope inside; a PDF carries it beside it, in FILE.pdf.dsse.json.\n"
+        "Exit 1 if it does not verify.")
+    p.add_argument("file", type=Path, metavar="FILE", help="the report (.html or .pdf)")
 
 
 def list_(args: argparse.Namespace) -> int:
@@ -109,6 +117,19 @@ def verify(args: argparse.Namespace) -> int:
         lines.append(f"peer {peer.peer}: {peer.received} transfers in, {peer.sent} out, "
                      "recorded at both ends")
     emit(args, doc, lambda: console.print("\n".join(lines)))
+    return 0
+
+
+def verify_report(args: argparse.Namespace) -> int:
+    from transfer.report_signature import known_keys
+    from transfer.report_signature import verify_report as check
+
+    ring, sites = known_keys(home_of(args))
+    result = check(args.file, ring, sites)
+    emit(args, result.to_json(), lambda: console.print(
+        f"{args.file}: signed by site {result.site} ({result.keyid}), unchanged since "
+        f"(digest {result.digest}); {result.predicate.get('scope')}, generated "
+        f"{result.predicate.get('generated')}"))
     return 0
 
 
