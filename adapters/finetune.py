@@ -50,6 +50,7 @@ from passerelle.errors import BadInput, ParityError
 from registry.export import PARITY_TOLERANCE, run_onnx
 from registry.model_dir import LABELS, VOCABULARY
 from registry.store import TAG, ModelStore, PrivacyUnit, VersionInfo, VersionRef
+from registry.tracking import finetune_metrics
 from registry.vocabulary import Vocabulary, select_text
 
 ONNX_FILE = "model.onnx"
@@ -284,7 +285,8 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
         tags = _tags(info, result, sha256_file(out / ONNX_FILE))
         version = store.register_received(
             out, ref.name, tags,
-            None if on_registered is None else (lambda v: on_registered(v, result)))
+            None if on_registered is None else (lambda v: on_registered(v, result)),
+            metrics=finetune_metrics(result))
     return FinetuneResult(**{**result.__dict__, "version": version})
 
 

@@ -47,6 +47,7 @@ from registry.model_dir import (
     read_labels,
 )
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
+from registry.tracking import export_metrics
 from registry.vocabulary import Vocabulary
 
 PARITY_TOLERANCE = 1e-4
@@ -147,6 +148,7 @@ def convert_version(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxEx
         TAG + "parity_top1_agreement": f"{parity.top1_agreement:.6g}",
         TAG + "parity_inputs": str(parity.inputs),
     })
+    store.log_metrics(ref, export_metrics(parity))
     return OnnxExport(ref=ref, directory=ship, onnx_digest=onnx_digest, parity=parity, card=card)
 
 

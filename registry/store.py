@@ -149,24 +149,37 @@ class ModelStore:
             TAG + "architecture": model_dir.metadata.architecture,
             TAG + "model_dir_digest": model_dir.digest,
         }
-        return self._new_version(name, f"register-{name}", model_dir.path, "model", tags,
-                                 _run_params(model_dir), on_registered)
+        from registry.tracking import accuracy_metrics
+
+        return self._new_version(name, f"register {name} (trained at "
+                                 f"{provenance.training_site})", model_dir.path, "model", tags,
+                                 _run_params(model_dir), on_registered,
+                                 accuracy_metrics(model_dir.metadata.metrics))
 
     def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
-                          on_registered: Callable[[VersionInfo], None] | None = None
-                          ) -> VersionInfo:
-        """Register a model received from another site: a new run logging ``model_dir``
-        under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage).
-        Undone entirely on any failure, as :meth:`register`."""
-        return self._new_version(name, f"receive-{name}", model_dir, "onnx", dict(tags), {},
-                                 on_registered)
+                          on_registered: Callable[[VersionInfo], None] | None = None,
+                          run_name: str | None = None,
+                          metrics: Mapping[str, float] | None = None) -> VersionInfo:
+        """Register a model received from another site (or fine-tuned here): a new run
+        logging ``model_dir`` under ``onnx/`` and a new version of ``name`` carrying
+        ``tags`` (its lineage) and ``metrics`` on its run. The run is named after what
+        happened (see :func:`registry.tracking.run_name`). Undone entirely on any failure, as
+        :meth:`register`."""
+        from registry.tracking import run_name as name_of
+
+        return self._new_version(name, run_name or name_of(name, tags, TAG), model_dir,
+                                 "onnx", dict(tags), {}, on_registered, metrics)
 
     def _new_version(
         self, name: str, run_name: str, local_dir: Path, artifact_path: str,
         tags: Mapping[str, str], params: Mapping[str, str],
         on_registered: Callable[[VersionInfo], None] | None,
+        metrics: Mapping[str, float] | None = None,
     ) -> VersionInfo:
-        """One run holding ``local_dir`` under ``artifact_path``, one new version of ``name``."""
+        """One run holding ``local_dir`` under ``artifact_path`` (with an ``MLmodel`` file
+        giving its signature), one new version of ``name``."""
+        from registry.tracking import log_signature
+
         if not _NAME.match(name):
             raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
         from mlflow.exceptions import MlflowException
@@ -181,8 +194,10 @@ class ModelStore:
                 run = client.create_run(experiment, run_name=run_name)
                 run_id = run.info.run_id
                 client.log_artifacts(run_id, str(local_dir), artifact_path)
+                log_signature(client, run_id, local_dir, artifact_path, run_name)
                 for key, value in params.items():
                     client.log_param(run_id, key, value)
+                self._log_metrics(run_id, metrics or {})
                 client.set_terminated(run_id)
                 try:
                     client.get_registered_model(name)
@@ -240,6 +255,23 @@ class ModelStore:
         with _store_errors(self.uri):
             self._client.log_artifacts(info.run_id, str(local_dir), artifact_path)
         self.set_tags(info, tags)
+
+    def log_metrics(self, ref: VersionRef, metrics: Mapping[str, float]) -> None:
+        """Log figures as MLflow metrics of the version's run (chartable, comparable)."""
+        self._log_metrics(self.get(ref).run_id, metrics)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        found = [Metric(key, float(value), stamp, 0) for key, value in sorted(metrics.items())
+                 if math.isfinite(float(value))]
+        with _store_errors(self.uri):
+            for start in range(0, len(found), 500):
+                self._client.log_batch(run_id, metrics=found[start:start + 500])
 
     def set_tags(self, info: VersionInfo, tags: Mapping[str, str]) -> None:
         with _store_errors(self.uri):

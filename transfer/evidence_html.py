@@ -105,7 +105,7 @@ def policy_html(ev: AuditEvidence, lang: Lang) -> str:
     out = f"{e(name)} {code(ev.policy_digest)}"
     pinned = ev.under_pinned_policy
     if pinned is True:
-        out += f" — <span class='ok'>{e(text(lang, 'policy_pinned'))}</span>"
+        out += f" — <span class='good'>{e(text(lang, 'policy_pinned'))}</span>"
     elif pinned is False:
         out += (" — <span class='bad'>" + e(text(lang, "policy_not_pinned",
                                                  pinned=ev.pinned_digest)) + "</span>")
@@ -131,7 +131,7 @@ def audit_html(ev: AuditEvidence | None, lang: Lang,
     if ev.record is not None:
         pairs += [(text(lang, "audited_onnx"), code(ev.record.fields.get("onnx_digest"))),
                   (text(lang, "audit_report"), code(ev.record.fields.get("report_digest")))]
-    status_class = {"matches": "ok", "shipped": "ok"}.get(ev.status, "bad")
+    status_class = {"matches": "good", "shipped": "good"}.get(ev.status, "bad")
     pairs.append((text(lang, "evidence"), f"<span class='{status_class}'>"
                   f"{e(text(lang, 'report_' + ev.status))}</span>"))
     if ev.doc is not None:

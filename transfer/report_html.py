@@ -2,7 +2,9 @@
 Content-Security-Policy, the screen and print styles, the inline filter script, tables,
 and each ledger record as an expandable block with its full signed statement.
 
-A page fetches nothing: images are ``data:`` URIs, the style and the one script are
+The records can be filtered by text and kind; a link
+``page.html#filter=TEXT`` opens the page filtered, ``page.html#rec-SEQ`` with that record
+open. A page fetches nothing: images are ``data:`` URIs, the style and the one script are
 inline, and the CSP allows exactly that script (by its SHA-256) and nothing from the
 network. Every value shown is HTML-escaped.
 """
@@ -36,7 +38,7 @@ code{font-size:.85em;word-break:break-all}
 pre{font-size:.78em;background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap;
 word-break:break-all}
 .transfer{border:1px solid #d0d7de;border-radius:8px;padding:.8em 1em;margin:1em 0}
-.pass,.ok{color:#1a7f37;font-weight:600}.fail,.bad{color:#cf222e;font-weight:600}
+.pass,.good{color:#1a7f37;font-weight:600}.fail,.bad{color:#cf222e;font-weight:600}
 .warn{color:#9a6700;font-weight:600}
 tr.bad td{background:#ffebe9}tr.warn td{background:#fff8c5}
 img.roc,img.curve{max-width:520px;width:100%;border:1px solid #d0d7de}
@@ -67,8 +69,9 @@ function filter(){if(!q)return;var t=q.value.toLowerCase(),kind=k.value,c=0;
 document.querySelectorAll('details.rec').forEach(function(d){
 var ok=(!kind||d.dataset.kind===kind)&&(!t||d.textContent.toLowerCase().indexOf(t)>=0);
 d.hidden=!ok;if(ok)c++;});n.textContent=String(c);}
-function reveal(){if(!location.hash)return;var e=document.getElementById(location.hash.slice(1));
-if(e&&e.tagName==='DETAILS'){e.hidden=false;e.open=true;}}
+function reveal(){var h=decodeURIComponent(location.hash.slice(1));if(!h)return;
+if(h.indexOf('filter=')===0&&q){q.value=h.slice(7);filter();return;}
+var e=document.getElementById(h);if(e&&e.tagName==='DETAILS'){e.hidden=false;e.open=true;}}
 if(q){q.addEventListener('input',filter);k.addEventListener('change',filter);filter();}
 window.addEventListener('hashchange',reveal);reveal();
 })();"""

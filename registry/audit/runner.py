@@ -47,6 +47,7 @@ from registry.audit.scoring import OnnxScorer, coder_probabilities, true_label_p
 from registry.coder import CoderConfig, Examples, fit_coder, split_by_patient
 from registry.export import fetch_model_dir, shippable
 from registry.store import TAG, ModelStore, VersionRef
+from registry.tracking import audit_metrics
 from registry.vocabulary import count_tokens, select_text
 
 Progress = Callable[[str, int, int], None]
@@ -326,3 +327,4 @@ def log_audit(store: ModelStore, result: AuditResult) -> None:
         tags[TAG + f"audit.{name}.auc"] = f"{m.auc:.6g}"
         tags[TAG + f"audit.{name}.epsilon_lower_bound"] = f"{m.epsilon.epsilon_lower:.6g}"
     store.attach(info, result.report_dir, "audit", tags)
+    store.log_metrics(result.ref, audit_metrics(result))
