@@ -100,7 +100,7 @@ def _section(page: str, section: str) -> str:
 
 
 def _report(capsys: pytest.CaptureFixture[str], home: Path, out: Path, *more: str) -> str:
-    code, doc, err = _cli(capsys, "report", "--out", str(out), "--home", str(home), *more)
+    code, _, err = _cli(capsys, "report", "--out", str(out), "--home", str(home), *more)
     assert code == 0, err
     return out.read_text(encoding="utf-8") if out.suffix == ".html" else ""
 
@@ -174,6 +174,8 @@ def test_audit_figures_are_those_of_the_signed_report_rounded_against_the_model(
         cells = re.findall(r"<span class='num'>([^<]*)</span>", row.group(1))
         auc, tpr01, tpr1, eps, eps_max, members, nonmembers = cells
         assert float(auc) >= m["auc"] and float(auc) - m["auc"] < 1e-3
+        assert float(tpr01) >= m["tpr_at_fpr"]["0.001"]
+        assert float(tpr1) >= m["tpr_at_fpr"]["0.01"]
         assert float(eps) >= m["epsilon_lower_bound"]["epsilon_lower"]
         assert float(eps_max) <= m["epsilon_lower_bound"]["epsilon_max_detectable"]
         assert (int(members), int(nonmembers)) == (m["members"], m["nonmembers"])
