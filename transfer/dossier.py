@@ -14,6 +14,7 @@ from MLflow artefacts whose digests the ledger names.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,8 +58,7 @@ def build_dossier(home: Path, ref: VersionRef, url: str | None = None,
                   store: ModelStore | None = None, now: datetime | None = None) -> Dossier:
     """The ledger checked, the version's records and evidence gathered."""
     report = build_report(home, url, store, now)
-    records = tuple(r for r in report.records if _about(r, ref))
-    if not records:
+    if not any(_about(r, ref) for r in report.records):
         raise UnknownVersion(f"no record about {ref} in the ledger of site {report.site}")
     try:
         tags: Mapping[str, str] = (store or ModelStore(home)).get(ref).tags
@@ -66,6 +66,11 @@ def build_dossier(home: Path, ref: VersionRef, url: str | None = None,
         tags = {}
     key = str(ref)
     source = tags.get(TAG + "finetuned_from")
+    lineage = [ref]  # a fine-tuned version: its source's records tell where it came from
+    if source:
+        with contextlib.suppress(BadInput):
+            lineage.append(VersionRef.parse(source))
+    records = tuple(r for r in report.records if any(_about(r, v) for v in lineage))
     audit = report.audits.get(key) or report.shipped.get(key) or (
         report.shipped.get(source) if source else None)
     overrides = tuple(r for r in records if r.kind.value == "export_override")
@@ -111,9 +116,12 @@ def _training(d: Dossier, lang: Lang) -> str:
         (text(lang, "training_site"), e(f.get("training_site") or f.get("from")
                                         or t.get(TAG + "training_site"))),
         (text(lang, "unit"), e(f.get("privacy_unit") or t.get(TAG + "privacy_unit"))),
-        (text(lang, "dataset_fingerprint"), code(f.get("dataset_fingerprint")
-                                                 or t.get(TAG + "dataset_fingerprint"))),
+        (text(lang, "dataset_fingerprint"), code(f.get("dataset_fingerprint") or (
+            t.get(TAG + "dataset_fingerprint") if reg is not None else None) or "—")),
     ]
+    tuned = [run for run in d.runs if run.fields.get("version") == d.ref.version]
+    pairs += [(text(lang, "finetune_dataset"), code(run.fields.get("dataset")) + " "
+               + rec_link(run.record)) for run in tuned]
     if reg is not None:
         pairs.append((text(lang, "record"), rec_link(reg)))
     return f'<section id="d-training"><h2>{e(text(lang, "d_training"))}</h2>{dl(pairs)}</section>'

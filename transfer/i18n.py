@@ -315,6 +315,8 @@ STRINGS: dict[str, dict[Lang, str]] = {
                                   "the data)",
                             "fr": "empreinte du jeu (condensat du manifeste, pas les "
                                   "données)"},
+    "finetune_dataset": {"en": "fine-tuning data at this site (dataset fingerprint)",
+                         "fr": "données d'ajustement sur ce site (empreinte du jeu)"},
     "train_size": {"en": "training stays / patients", "fr": "séjours / patients "
                                                            "d'entraînement"},
     "architecture": {"en": "architecture", "fr": "architecture"},

@@ -185,12 +185,17 @@ def _sent_line(report: Report, lang: Lang) -> Answer:
 
 
 def _received_line(report: Report, lang: Lang) -> Answer:
-    items = [e(text(lang, "received_line", model=f"{r.fields.get('model')}/"
-                    f"{r.fields.get('version')}", sender=r.fields.get("from"),
-                    local=f"{r.fields.get('local_model')}/{r.fields.get('local_version')}",
-                    verdict=r.fields.get("audit_verdict"))) + f" ({rec_link(r)})"
-             for r in report.of_kind("bundle_received")]
-    return _items(items, lang), ""
+    items: list[str] = []
+    severity: Severity = ""
+    for r in report.of_kind("bundle_received"):
+        line = e(text(lang, "received_line", model=f"{r.fields.get('model')}/"
+                      f"{r.fields.get('version')}", sender=r.fields.get("from"),
+                      local=f"{r.fields.get('local_model')}/{r.fields.get('local_version')}",
+                      verdict=r.fields.get("audit_verdict"))) + f" ({rec_link(r)})"
+        if not str(r.fields.get("audit_verdict")).startswith("PASS"):
+            severity, line = "bad", f"<span class='bad'>{line}</span>"
+        items.append(line)
+    return _items(items, lang), severity
 
 
 def _refused_line(report: Report, lang: Lang) -> Answer:

@@ -54,7 +54,7 @@ details.rec[open]{background:#fbfcfd}
  .noprint{display:none!important}
  a{color:inherit;text-decoration:none}
  h2{break-after:avoid}
- .transfer,table,figure,details.rec{break-inside:avoid}
+ tr,figure,details.rec,img{break-inside:avoid}
  #verdict.ok,#verdict.broken,tr.bad td,tr.warn td{-webkit-print-color-adjust:exact;
  print-color-adjust:exact}
  img.roc,img.curve{max-width:14cm}
