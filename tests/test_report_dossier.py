@@ -138,6 +138,25 @@ def test_summary_at_the_receiver_names_the_refusal_the_budget_and_the_run(
     assert f"{MODEL}/1 from X (registered here as {world.received})" in summary
 
 
+def test_peer_export_tells_whether_the_bundle_was_received_and_a_truncated_one_says_not(
+        world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export = tmp_path / "y.jsonl"
+    assert _cli(capsys, "records", "export", "--out", str(export), "--home", str(world.y))[0] == 0
+    page = _report(capsys, world.x, tmp_path / "x.html", "--peer", str(export))
+    received = next(r for r in _records(world.y) if r.kind is RecordKind.BUNDLE_RECEIVED)
+    assert "received by Y on " in _section(page, "transfers-out")
+    assert f"(its record #{received.seq})" in _section(page, "summary")
+    truncated = tmp_path / "y-truncated.jsonl"  # Y's chain without its receipt: still valid
+    truncated.write_text(export.read_text().splitlines(keepends=True)[0])
+    page = _report(capsys, world.x, tmp_path / "x2.html", "--peer", str(truncated))
+    assert "<span class='bad'>NOT recorded by Y" in _section(page, "summary")
+    forged = tmp_path / "forged.jsonl"  # a byte changed in Y's export: refused, no page
+    forged.write_text(export.read_text().replace('"sig":"', '"sig":"A', 1))
+    code, _, err = _cli(capsys, "report", "--out", str(tmp_path / "x3.html"), "--peer",
+                        str(forged), "--home", str(world.x))
+    assert code in (1, 2) and err.startswith("error: ") and not (tmp_path / "x3.html").exists()
+
+
 def test_a_kind_without_a_summary_line_is_counted_not_hidden(
         world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home = tmp_path / "y"

@@ -136,10 +136,19 @@ STRINGS: dict[str, dict[Lang, str]] = {
     "validity_value": {"en": "from {created} until {expires}",
                        "fr": "du {created} au {expires}"},
     "receipt": {"en": "received by the recipient?", "fr": "reçu par le destinataire ?"},
-    "receipt_unknown": {"en": "not known here: the recipient's ledger says (compare with "
-                              "<code>passerelle records verify --peer</code>)",
-                        "fr": "inconnu ici : le registre du destinataire le dit (comparer "
-                              "avec <code>passerelle records verify --peer</code>)"},
+    "receipt_yes": {"en": "received by {site} on {time} (its record #{seq})",
+                    "fr": "reçu par {site} le {time} (son enregistrement n° {seq})"},
+    "receipt_refused": {"en": "REFUSED by {site} on {time} ({check}, its record #{seq})",
+                        "fr": "REFUSÉ par {site} le {time} ({check}, son enregistrement n° "
+                              "{seq})"},
+    "receipt_no": {"en": "NOT recorded by {site}: its verified ledger export names no "
+                         "receipt or refusal of this bundle",
+                   "fr": "NON enregistré par {site} : l'export vérifié de son registre ne "
+                         "mentionne ni réception ni refus de ce paquet"},
+    "receipt_unknown": {"en": "not known here: the recipient's ledger says (give its export "
+                              "with <code>passerelle report --peer FILE</code>)",
+                        "fr": "inconnu ici : le registre du destinataire le dit (fournir son "
+                              "export avec <code>passerelle report --peer FICHIER</code>)"},
     "signature_chain": {"en": "signature and chain", "fr": "signature et chaînage"},
     "verified": {"en": "verified", "fr": "vérifiés"},
     "see_verdict": {"en": "see the integrity verdict above",

@@ -48,9 +48,15 @@ from transfer.evidence_html import (
 )
 from transfer.i18n import Lang, down, parse_utc, text, up, up_significant, when
 from transfer.identity import public_identity
-from transfer.ledger import Verification
-from transfer.ledger_errors import LedgerBroken
-from transfer.ledger_site import mlflow_digest_checker, open_ledger, own_keys, site_signer
+from transfer.ledger import Verification, read_export, verify_records
+from transfer.ledger_errors import LedgerBroken, PeerMismatch
+from transfer.ledger_site import (
+    mlflow_digest_checker,
+    open_ledger,
+    own_keys,
+    peer_keys,
+    site_signer,
+)
 from transfer.pdf import print_pdf
 from transfer.records import Record
 from transfer.report_html import (
@@ -96,6 +102,9 @@ class Report:
     shipped: Mapping[str, AuditEvidence] = field(default_factory=dict)  # local name/version
     runs: tuple[DpRun, ...] = ()
     curves: Mapping[int, str] = field(default_factory=dict)  # run record seq -> data: URI
+    arrivals: Mapping[str, Record] = field(default_factory=dict)  # our bundle_created id ->
+    #   the peer's bundle_received/refused naming it, from the peers' verified exports
+    peers: tuple[str, ...] = ()  # the sites whose exports were given
 
     def of_kind(self, *kinds: str) -> list[Record]:
         """Records whose kind's value is one of ``kinds`` (names of kinds, so that kinds
@@ -114,10 +123,34 @@ class Report:
 # -- gathering ------------------------------------------------------------------------
 
 
+def _arrivals(home: Path, site: str, exports: Sequence[Path]
+              ) -> tuple[dict[str, Record], tuple[str, ...]]:
+    """The peers' records of our bundles, from their exports (each chain verified with the
+    peer's keys in this site's trust store, else refused)."""
+    found: dict[str, Record] = {}
+    peers = []
+    for path in exports:
+        theirs = read_export(path)
+        peer = theirs[0].site
+        try:
+            verify_records(theirs, peer_keys(home, peer))
+        except LedgerBroken as e:
+            raise PeerMismatch((f"the export of site {peer} ({path}): {e}",)) from e
+        peers.append(peer)
+        for r in theirs:
+            if r.kind.value in ("bundle_received", "bundle_refused") and \
+                    r.fields.get("from") == site and isinstance(r.fields.get("peer_record"),
+                                                                str):
+                found.setdefault(str(r.fields["peer_record"]), r)
+    return found, tuple(peers)
+
+
 def build_report(home: Path, url: str | None = None, store: ModelStore | None = None,
-                 now: datetime | None = None) -> Report:
-    """Everything the page shows, the ledger checked first."""
+                 now: datetime | None = None, peers: Sequence[Path] = ()) -> Report:
+    """Everything the page shows, the ledger checked first; ``peers``: other sites'
+    ``records export`` files, to show whether each bundle was received."""
     me = public_identity(home)
+    arrivals, peer_sites = _arrivals(home, me.site, peers)
     with open_ledger(home, url) as ledger:
         try:
             result = ledger.verify(own_keys(home), mlflow_digest_checker(home, store))
@@ -136,7 +169,8 @@ def build_report(home: Path, url: str | None = None, store: ModelStore | None = 
                   generated=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
                   integrity=integrity, trust=tuple(TrustStore(home).entries()),
                   records=records, audits=source_audits(home, records, store),
-                  shipped=shipped_audits(home, records, store), runs=runs, curves=curves)
+                  shipped=shipped_audits(home, records, store), runs=runs, curves=curves,
+                  arrivals=arrivals, peers=peer_sites)
 
 
 # -- the summary: one line per question, built from a table of kinds -------------------
@@ -165,6 +199,20 @@ def _integrity_line(report: Report, lang: Lang) -> Answer:
     return f"<b>{e(word)}</b> — {e(_integrity_summary(report, lang))}", "ok" if i.ok else "bad"
 
 
+def receipt(report: Report, created: Record, lang: Lang) -> tuple[str, Severity]:
+    """Whether the recipients recorded the bundle, by their verified exports."""
+    arrival = report.arrivals.get(created.id)
+    if arrival is not None:
+        key = "receipt_yes" if arrival.kind.value == "bundle_received" else "receipt_refused"
+        return e(text(lang, key, site=arrival.site, time=when(arrival.time), seq=arrival.seq,
+                      check=arrival.fields.get("check"))), \
+            "" if key == "receipt_yes" else "bad"
+    missing = [s for s in created.fields.get("to") or [] if s in report.peers]
+    if missing:
+        return e(text(lang, "receipt_no", site=", ".join(missing))), "bad"
+    return text(lang, "receipt_unknown"), ""
+
+
 def _sent_line(report: Report, lang: Lang) -> Answer:
     items: list[str] = []
     severity: Severity = "ok"
@@ -174,6 +222,10 @@ def _sent_line(report: Report, lang: Lang) -> Answer:
                       to=", ".join(f.get("to") or []), verdict=f.get("audit_verdict")))
         line += f" ({rec_link(r)}, <a href='#transfer-{r.seq}'>{e(text(lang, 'evidence'))}"
         line += "</a>)"
+        if report.peers:
+            got, bad = receipt(report, r, lang)
+            line += f"<br><span class='{bad}'>{got}</span>"
+            severity = "bad" if bad else severity
         for o in report.about("export_override", f.get("model"), f.get("version")):
             severity = "bad"
             line += "<br><span class='bad'>" + e(text(
@@ -382,7 +434,8 @@ def _transfers_out(report: Report, lang: Lang) -> str:
                 (text(lang, "validity"), e(text(lang, "validity_value",
                                                 created=when(str(f.get("created"))),
                                                 expires=when(str(f.get("expires")))))),
-                (text(lang, "receipt"), text(lang, "receipt_unknown")),
+                (text(lang, "receipt"), "<span class='{1}'>{0}</span>".format(
+                    *receipt(report, r, lang))),
                 (text(lang, "payload_digest"), code(f.get("bundle"))),
                 (text(lang, "onnx_digest"), code(f.get("onnx_digest"))),
                 (text(lang, "signature_chain"), e(text(
@@ -504,9 +557,9 @@ def publish(home: Path, out: Path, unsigned: str, predicate: Mapping[str, Any],
 
 def write_report(home: Path, out: Path, url: str | None = None,
                  store: ModelStore | None = None, now: datetime | None = None,
-                 lang: Lang = "en") -> Report:
+                 lang: Lang = "en", peers: Sequence[Path] = ()) -> Report:
     """Build the site's report and write it, signed, to ``out`` (.html or .pdf)."""
-    report = build_report(home, url, store, now)
+    report = build_report(home, url, store, now, peers)
     publish(home, out, render_html(report, lang), predicate_of(report, lang, "site"), lang,
             report.site)
     return report

@@ -44,6 +44,10 @@ def add_to(sub: Subparsers) -> None:
     p.add_argument("--model", type=VersionRef.parse, metavar="NAME/VERSION",
                    help="write this version's status dossier instead of the site's report "
                         "(default: the site's report)")
+    p.add_argument("--peer", type=Path, action="append", default=[], metavar="FILE",
+                   help="a peer site's `records export`, verified with its pinned key, to show "
+                        "whether each bundle sent to it was received (repeatable; default: "
+                        "none, receipt unknown)")
     p.add_argument("--lang", choices=LANGS, default="en",
                    help="language of the page: fr or en (default: en)")
     p.add_argument("--ledger-url", metavar="URL", help=f"the ledger database (default: "
@@ -61,7 +65,7 @@ def report(args: argparse.Namespace) -> int:
     else:
         from transfer.report import write_report
 
-        built = write_report(home, args.out, args.ledger_url, lang=lang)
+        built = write_report(home, args.out, args.ledger_url, lang=lang, peers=args.peer)
         what = "report"
     i = built.integrity
     doc = {"out": str(args.out), "site": built.site, "records": len(built.records),
