@@ -27,6 +27,7 @@ from registry.audit.policy import load_policy
 from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig
 from registry.store import ModelStore, VersionRef
+from transfer.dossier import write_dossier
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.identity import PublicIdentity, init_site
 from transfer.ledger_site import open_ledger, verify_site
@@ -242,14 +243,19 @@ def _ledgers(run: _Run) -> str:
         checked = verify_site(home, peer=exports[peer])
         counts[checked.ledger.site] = checked.ledger.count
     reports = {"X": run.work / "report-site-x.html", "Y": run.work / "report-site-y.html"}
-    write_report(run.home_x, reports["X"])
-    write_report(run.home_y, reports["Y"])
+    write_report(run.home_x, reports["X"], peers=[exports[run.home_y]])
+    write_report(run.home_y, reports["Y"], peers=[exports[run.home_x]])
+    tuned = VersionRef.parse(run.summary["finetune"]["version"])
+    dossier = run.work / f"dossier-{tuned.name}-{tuned.version}-fr.html"
+    write_dossier(run.home_y, tuned, dossier, "fr")
     run.summary["ledgers"] = {"exports": {h.name: str(p) for h, p in exports.items()},
                               "records": counts}
     run.summary["reports"] = {k: str(v) for k, v in reports.items()}
+    run.summary["dossier"] = str(dossier)
     return (f"verified both ledgers ({', '.join(f'{s}: {n} records' for s, n in counts.items())}"
             f") and each against the other's export: every transfer is recorded at both "
-            f"ends; reports: {reports['X']} and {reports['Y']}")
+            f"ends; reports: {reports['X']} and {reports['Y']}; the dossier of {tuned} (in "
+            f"French): {dossier}")
 
 
 def _print_audit(audit: AuditResult) -> None:
