@@ -74,3 +74,36 @@ def test_an_audit_under_another_policy_than_the_pinned_one_is_flagged(tmp_path: 
     assert "the site&#x27;s pinned policy" in policy_html(ok, "en")
     assert f"NOT the site&#x27;s pinned policy ({pinned})" in policy_html(flagged, "en")
     assert "PAS la politique épinglée du site" in policy_html(flagged, "fr")
+
+
+def test_failed_and_interrupted_runs_are_red_and_the_budget_counts_them(tmp_path: Path) -> None:
+    import re
+
+    from transfer.evidence import budgets, dp_runs
+    from transfer.identity import init_site
+    from transfer.ledger_site import append_record
+    from transfer.records import RecordKind
+    from transfer.report import build_report, render_html
+
+    home = tmp_path / "y"
+    init_site(home, "Y")
+    run = {"model": "m", "version": "2", "source_version": "1", "dataset": "sha256:" + "d" * 64,
+           "privacy_unit": "patient", "epsilon": 1.00001, "epsilon_rdp": 1.2, "delta": 1e-5,
+           "noise_multiplier": 1.1, "sampling_rate": 0.02, "steps": 100,
+           "accuracy_before": 0.5, "accuracy_after": 0.6, "budget_cap": 10.0}
+    append_record(home, RecordKind.FINETUNE, [], {**run, "budget_spent": 1.00001})
+    append_record(home, RecordKind.FINETUNE, [], {**run, "budget_spent": 2.5, "outcome": "failed",
+                                                  "reason": "ParityError: 3e-4 > 1e-4"})
+    append_record(home, RecordKind.FINETUNE, [], {**run, "budget_spent": 3.5,
+                                                  "outcome": "interrupted"})
+    report = build_report(home)
+    assert [r.outcome for r in dp_runs(report.records)] == ["done", "failed", "interrupted"]
+    (budget,) = budgets(report.runs)
+    assert (budget.spent, budget.runs) == (3.5, 3)  # the newest record says
+    assert budget.delta == 3e-5  # every run's delta, failed ones too
+    page = render_html(report, "en")
+    summary = re.search(r'<section id="summary".*?</section>', page, re.S).group(0)  # type: ignore[union-attr]
+    assert re.search(r'<tr class="bad"><td><b>Did a fine-tuning run fail or stop midway\?'
+                     r"</b></td><td>.*FAILED.*INTERRUPTED", summary, re.S)
+    assert "spent ε = 3.5 of cap 10, remaining 6.5, at δ = 0.00003" in summary
+    assert "ParityError: 3e-4 &gt; 1e-4" in page and "1.001" in page  # ε 1.00001 shown up

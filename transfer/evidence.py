@@ -9,8 +9,9 @@ Each figure shown is tied to a signed record:
   ``site_policy_changed`` records before it, else the shipped default);
 * at the receiving site, the sender's audit report travelled inside the signed bundle
   (``audit_report.json``, covered by the OpenSSF model signature checked at receipt);
-* DP runs come from the ``finetune`` records themselves, with started/failed records
-  (when the ledger has them) to show failed and interrupted runs.
+* DP runs come from the ``finetune`` records themselves, with ``finetune_started``
+  records (when the ledger has them: a run's start is recorded before it trains, its end
+  names the start and its outcome) to show failed and interrupted runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 import base64
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,14 +81,18 @@ class AuditEvidence:
 
 @dataclass(frozen=True)
 class DpRun:
-    """A fine-tuning run as the ledger tells it."""
+    """A fine-tuning run as the ledger tells it: its end record (or its start record when
+    it never ended) and the start record, when the ledger has one."""
 
     record: Record
     outcome: Outcome
+    started: Record | None = None
 
     @property
     def fields(self) -> Mapping[str, Any]:
-        return self.record.fields
+        if self.started is None or self.started is self.record:
+            return self.record.fields
+        return {**self.started.fields, **self.record.fields}
 
 
 @dataclass(frozen=True)
@@ -200,28 +206,39 @@ def shipped_audits(home: Path, records: Sequence[Record],
     return found
 
 
+_OUTCOMES: dict[str, Outcome] = {"finished": "done", "done": "done", "failed": "failed",
+                                 "interrupted": "interrupted"}
+
+
 def dp_runs(records: Sequence[Record]) -> list[DpRun]:
-    """Completed runs, failed ones, and runs that started and never ended."""
+    """Completed runs, failed and interrupted ones, and runs that started and never ended
+    (a process killed mid-run: shown as interrupted). An end record names its start
+    (``started_record``); one without an ``outcome`` field is a completed run."""
     runs: list[DpRun] = []
     open_starts: dict[str, Record] = {}
     for r in records:
         kind = r.kind.value
-        key = str(r.fields.get("run_id") or r.fields.get("run") or "")
         if kind == FINETUNE_STARTED:
-            open_starts[key or r.id] = r
+            open_starts[r.id] = r
         elif kind in FINETUNE_DONE or kind == FINETUNE_FAILED:
-            started = open_starts.pop(key, None) if key else None
-            if started is None and not key and open_starts:  # no run id: the oldest start
-                started = open_starts.pop(next(iter(open_starts)))
-            runs.append(DpRun(r, "failed" if kind == FINETUNE_FAILED else "done"))
-    runs += [DpRun(r, "interrupted") for r in open_starts.values()]
-    return sorted(runs, key=lambda run: run.record.seq)
+            started = open_starts.pop(str(r.fields.get("started_record")), None)
+            outcome = "failed" if kind == FINETUNE_FAILED else \
+                _OUTCOMES.get(str(r.fields.get("outcome", "finished")), "failed")
+            runs.append(DpRun(r, outcome, started))
+    runs += [DpRun(r, "interrupted", r) for r in open_starts.values()]
+    return sorted(runs, key=lambda run: (run.started or run.record).seq)
 
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+def _decimal_sum(values: Iterable[float]) -> float:
+    """The sum of decimal figures (deltas as the site gave them: 3 × 1e-5 is 3e-5, not
+    3.0000000000000004e-05 as binary floats add up)."""
+    return float(sum((Decimal(repr(v)) for v in values), Decimal(0)))
 
 
 def budgets(runs: Sequence[DpRun]) -> list[Budget]:
@@ -234,13 +251,17 @@ def budgets(runs: Sequence[DpRun]) -> list[Budget]:
             by_dataset.setdefault(dataset, []).append(run)
     out = []
     for dataset, touched in sorted(by_dataset.items()):
-        stating = [r.fields for r in touched if _number(r.fields.get("budget_spent")) is not None]
-        last = stating[-1] if stating else touched[-1].fields
+        stating = sorted((r for run in touched for r in (run.started, run.record)
+                          if r is not None and _number(r.fields.get("budget_spent")) is not None),
+                         key=lambda r: r.seq)
+        last = stating[-1].fields if stating else touched[-1].fields
+        delta = _number(last.get("budget_delta_sum"))
         out.append(Budget(
             dataset=dataset,
             spent=_number(last.get("budget_spent")),
             cap=_number(last.get("budget_cap")),
-            delta=sum(_number(r.fields.get("delta")) or 0.0 for r in touched),
+            delta=delta if delta is not None else _decimal_sum(
+                _number(run.fields.get("delta")) or 0.0 for run in touched),
             unit=str(last.get("privacy_unit") or "?"), runs=len(touched)))
     return out
 
