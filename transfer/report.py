@@ -285,9 +285,19 @@ def _finetune_problems_line(report: Report, lang: Lang) -> Answer:
 
 
 def _withdrawn_line(report: Report, lang: Lang) -> Answer:
-    found = report.of_kind("model_withdrawn", "notice_received", "notice_refused")
-    items = [f"{rec_link(r)} {e(model_of(r))} {e(r.fields.get('reason') or '')}"
-             for r in found]
+    items = []
+    for r in report.of_kind("model_withdrawn", "notice_received", "notice_refused"):
+        f = r.fields
+        withdrawn = [str(v) for v in f.get("withdrawn") or [] if isinstance(v, str)]
+        parts = [rec_link(r), e(model_of(r))]
+        if withdrawn:
+            parts.append("(" + e(", ".join(withdrawn)) + ")")
+        if f.get("to"):
+            parts.append("→ " + e(", ".join(str(t) for t in f["to"])))
+        if f.get("from") or f.get("claimed_from"):
+            parts.append(e(text(lang, "from")) + " " + e(f.get("from") or f.get("claimed_from")))
+        reason = f.get("reason") or f.get("check")
+        items.append(" ".join(parts) + (f": “{e(reason)}”" if reason else ""))
     return _items(items, lang), "warn" if items else ""
 
 
