@@ -298,12 +298,14 @@ STRINGS: dict[str, dict[Lang, str]] = {
                       "fr": "Dossier de statut du modèle : {model}"},
     "dossier_intro": {
         "en": "What the provider documents under the CNIL's method for the status of an AI "
-              "model under the GDPR (July 2025) and the EDPB opinion 28/2024 on AI models: "
+              "model under the GDPR (“IA : Analyser le statut d'un modèle d'IA au regard du "
+              "RGPD”, 22 July 2025) and the EDPB opinion 28/2024 on AI models: "
               "the training data and its legal basis, the attacks tried and their results, "
               "the identifier scan, the measures taken, and the conclusion with its limits. "
               "Every figure comes from this site's signed ledger and MLflow store.",
         "fr": "Ce que le fournisseur documente selon la méthode de la CNIL pour analyser le "
-              "statut d'un modèle d'IA au regard du RGPD (juillet 2025) et l'avis 28/2024 du "
+              "statut d'un modèle d'IA au regard du RGPD (« IA : Analyser le statut d'un "
+              "modèle d'IA au regard du RGPD », 22 juillet 2025) et l'avis 28/2024 du "
               "CEPD sur les modèles d'IA : les données d'entraînement et leur base légale, "
               "les attaques tentées et leurs résultats, la recherche d'identifiants, les "
               "mesures prises, et la conclusion avec ses limites. Chaque chiffre provient du "
