@@ -456,6 +456,10 @@ def test_mlflow_ui_shows_the_signature_metrics_and_a_run_name_that_says_what_hap
     tuned = y.client.get_run(y.get(world.tuned).run_id)
     assert tuned.info.run_name.startswith(f"finetune {world.received} under DP (epsilon ")
     assert {"dp.epsilon_pld", "accuracy.heldout.after"} <= set(tuned.data.metrics)
+    for ref in (world.received, world.tuned):  # signatures read from the ONNX graph
+        mlmodel = y.download(y.get(ref), "onnx/MLmodel", tmp_path / f"mlmodel-{ref.version}")
+        text = mlmodel.read_text()
+        assert '"name": "logits"' in text and '"dtype": "float32"' in text, text
 
     version_url = f"{mlflow_ui}/#/models/{MODEL}/versions/1"
     version_page = _browser(chromium, tmp_path / "v", "--virtual-time-budget=10000",
