@@ -432,11 +432,12 @@ def mlflow_ui(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # our own server, by its process id
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=10)
         log.close()
 
 
