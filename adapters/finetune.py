@@ -2,34 +2,58 @@
 
 :func:`finetune_version` (``passerelle finetune``), its steps numbered:
 
-1. check epsilon and delta; fetch the version's ONNX directory from the registry and
-   build the executor (unsupported graphs refused, exit 2) with the trainable layers;
+1. the home must have a site identity (a ledger: every run is recorded); a seed is
+   refused outside the test suite; the privacy unit must be one the site's policy
+   allows (exit 2); fetch the version's ONNX directory and build the executor;
 2. read the site's corpus: every stay needs a patient id and a code the model knows
-   (else refused, exit 2; ``drop_unknown_codes`` drops such stays and counts them);
-   held-out patients (``heldout_fraction``) are split off by patient and never train;
-3. parity: the executor's logits match onnxruntime on the held-out inputs (≤ 1e-4);
-4. calibrate the noise multiplier to (epsilon, delta) for (q, steps) with the PLD
-   accountant, report epsilon by PLD and RDP;
-5. reserve the run in the site's privacy budget (refused, exit 1, before training);
-6. train with DP-SGD (adapters.dp), accuracy before/after on the held-out patients;
-7. write the weights back into the same graph, check the new file in onnxruntime
-   against the executor (≤ 1e-4), register it as a new version with lineage tags.
+   (else exit 2; ``drop_unknown_codes`` drops such stays); a patient is held out iff
+   ``keyed_fraction(site key, patient id) < heldout_fraction`` (stable when other
+   patients come or go); held-out patients never train and are not charged;
+3. parity: the executor's logits match onnxruntime on the held-out inputs (<= 1e-4);
+4. release the training unit count with Gaussian noise (std ``COUNT_NOISE_STD``); q and
+   steps come from that count; delta defaults to, and may not exceed, the site's per-run
+   limit for it (exit 2); the noise multiplier is calibrated so that count and DP-SGD
+   together stay within (epsilon, delta) by PLD (add/remove-one neighbours);
+5. charge the run to the budget of every training patient and record it
+   (``finetune_started``) before training (refused, exit 1, beyond the cap);
+6. train with DP-SGD (adapters.dp); accuracy before/after on the held-out patients
+   (outside the budgeted dataset: exact, labelled as not DP);
+7. write the weights back into the same graph, check it in onnxruntime (<= 1e-4);
+8. register it as a new version with lineage tags; its ``finetune`` record (outcome
+   ``finished``) is appended inside the registration. A run that fails or is
+   interrupted after (5) gets a ``finetune`` record with outcome ``failed`` or
+   ``interrupted`` and the reason; it stays charged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from adapters.budget import PrivacyBudget, Spent, site_cap
+from adapters.budget import (
+    COUNT_NOISE_STD,
+    BudgetPolicy,
+    Members,
+    RunCost,
+    Spent,
+    group_epsilon,
+    members_of,
+    reserve,
+    run_epsilon,
+)
 from adapters.dp import (
     Accountant,
     DpSetting,
@@ -40,19 +64,26 @@ from adapters.dp import (
     check_delta,
     check_epsilon,
     default_delta,
-    epsilon,
+    epsilon_of,
     train_dp_sgd,
 )
 from adapters.onnx_tf import OnnxExecutor, load_model
-from passerelle.corpus import manifest_digest, read_corpus
+from passerelle.corpus import read_corpus
 from passerelle.digests import sha256_file
-from passerelle.errors import BadInput, ParityError
+from passerelle.errors import BadInput, ParityError, PasserelleError, Refused
 from registry.export import PARITY_TOLERANCE, run_onnx
 from registry.model_dir import LABELS, VOCABULARY
 from registry.store import TAG, ModelStore, PrivacyUnit, VersionInfo, VersionRef
 from registry.tracking import finetune_metrics
 from registry.vocabulary import Vocabulary, select_text
+from transfer.acts import subject
+from transfer.pseudonym import keyed_fraction_with, site_key
+from transfer.records import RecordKind
 
+if TYPE_CHECKING:
+    from transfer.acts import Recorder
+
+TESTING_ENV = "PASSERELLE_TESTING"
 ONNX_FILE = "model.onnx"
 FINETUNE_CARD = "finetune_card.json"
 DEFAULT_TRAINABLE = ("hidden", "logits")
@@ -64,7 +95,7 @@ _LINEAGE = ("received_from", "sender_fingerprint", "bundle_digest", "source_mode
 @dataclass(frozen=True)
 class FinetuneOptions:
     epsilon: float
-    delta: float | None = None  # None: default_delta(units)
+    delta: float | None = None  # None: the site's per-run limit for the released count
     privacy_unit: PrivacyUnit = PrivacyUnit.PATIENT
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     epochs: int = 10
@@ -72,12 +103,11 @@ class FinetuneOptions:
     clip: float = 1.0
     learning_rate: float = 5e-3
     heldout_fraction: float = 0.2
-    split_seed: int = 0
-    budget_cap: float | None = None  # None: the site's configured cap
     drop_unknown_codes: bool = False
-    # Tests only. None (production): TensorFlow draws the Gaussian noise with op seeds
-    # from the operating system's entropy; a fixed seed makes the noise reproducible,
-    # and reproducible noise can be subtracted, which voids the privacy guarantee.
+    # Tests only (refused unless PASSERELLE_TESTING=1): seeds sampling, the count's noise
+    # and TensorFlow's Gaussian noise. Reproducible noise can be subtracted, which voids
+    # the guarantee: such a run is recorded as seeded (not private). None (production):
+    # the operating system's entropy.
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -92,17 +122,20 @@ class FinetuneOptions:
 
 @dataclass(frozen=True)
 class SiteData:
-    """The site's stays, encoded for the model, split by patient."""
+    """The site's stays, encoded for the model, split by a keyed hash of the patient id."""
 
     inputs: npt.NDArray[np.int32]
     labels: npt.NDArray[np.int64]
     units: npt.NDArray[np.int64]  # privacy unit index of every training stay
-    n_units: int
+    n_units: int  # exact: never released (the released count is noised)
     heldout_inputs: npt.NDArray[np.int32]
     heldout_labels: npt.NDArray[np.int64]
     heldout_units: npt.NDArray[np.int64]  # held-out patient index of every held-out stay
-    patients: int  # training patients
+    patients: int  # training patients (exact: never released)
     dropped_unknown: int
+    members: Members  # keyed tokens of the training patients (the budget's unit)
+    max_stays_per_patient: int  # k of group privacy for stay-level runs
+    heldout_patients: int
 
 
 @dataclass(frozen=True)
@@ -120,20 +153,30 @@ class FinetuneResult:
     trainable: tuple[str, ...]
     accuracy_before: float
     accuracy_after: float
-    train_stays: int
-    train_units: int
+    units_released: int  # the noisy unit count that set q (Gaussian, std COUNT_NOISE_STD)
     heldout_stays: int
-    dropped_unknown: int
+    heldout_patients: int
     parity_before: float
     parity_after: float
     budget: Spent
     budget_cap: float
+    epsilon_patient: float  # this run alone at patient level, at the accounting delta
+    group_size: int
     dataset: str
+    seeded: bool
+    started_record: str
+
+
+HELDOUT_PURPOSE = "finetune/heldout"
+MIN_HELDOUT_PATIENTS = 10
+ACCURACY_SCOPE = ("held-out patients (keyed split): never trained on and not charged to "
+                  "the budget; exact figures about them, outside the DP guarantee")
 
 
 def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: PrivacyUnit,
-                   heldout_fraction: float, seed: int, drop_unknown: bool) -> SiteData:
-    """Step 2."""
+                   heldout_fraction: float, key: bytes, drop_unknown: bool) -> SiteData:
+    """Step 2. A patient is held out iff keyed_fraction(key, patient id) < fraction: its
+    side never moves when other patients are added or removed."""
     corpus = read_corpus(data)
     stays = list(corpus.stays)
     if any(not s.patient_id or not s.patient_id.strip() for s in stays):
@@ -152,23 +195,29 @@ def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: Privac
     x = vocab.encode(texts)
     y = np.asarray([index[s.main_diagnosis] for s in stays], dtype=np.int64)
     pids = [s.patient_id for s in stays]
-    patients = sorted(set(pids))
-    if len(patients) < 4:
-        raise BadInput(f"{data}: too few patients for a held-out split and DP-SGD")
-    rng = np.random.default_rng(seed)
-    held = {patients[i] for i in rng.permutation(len(patients))[
-        :max(1, round(len(patients) * heldout_fraction))]}
+    held = {p for p in set(pids)
+            if keyed_fraction_with(key, HELDOUT_PURPOSE, p) < heldout_fraction}
     train = [i for i, p in enumerate(pids) if p not in held]
     test = [i for i, p in enumerate(pids) if p in held]
+    train_patients = sorted({pids[i] for i in train})
+    if len(held) < MIN_HELDOUT_PATIENTS or len(train_patients) < 4:
+        raise BadInput(f"{data}: {len(held)} held-out and {len(train_patients)} training "
+                       f"patients; at least {MIN_HELDOUT_PATIENTS} held-out (accuracy is "
+                       "released about them) and 4 training patients are needed "
+                       "(--heldout-fraction)")
     if unit is PrivacyUnit.PATIENT:
-        ids = {p: k for k, p in enumerate(sorted({pids[i] for i in train}))}
+        ids = {p: k for k, p in enumerate(train_patients)}
         units = np.asarray([ids[pids[i]] for i in train], dtype=np.int64)
     else:
         units = np.arange(len(train), dtype=np.int64)
     held_ids = {p: k for k, p in enumerate(sorted(held))}
     heldout_units = np.asarray([held_ids[pids[i]] for i in test], dtype=np.int64)
+    members = members_of(key, [(stays[i].patient_id, stays[i].stay_id,
+                                stays[i].identifiers.nir) for i in train])
+    per_patient = Counter(pids[i] for i in train)
     return SiteData(x[train], y[train], units, int(units.max()) + 1, x[test], y[test],
-                    heldout_units, len({pids[i] for i in train}), len(unknown))
+                    heldout_units, len(train_patients), len(unknown), members,
+                    max(per_patient.values()), len(held))
 
 
 def logits_of(executor: OnnxExecutor, x: npt.NDArray[Any], output: str,
@@ -196,18 +245,42 @@ def check_executor_parity(executor: OnnxExecutor, model_bytes: bytes,
     return diff
 
 
-def plan_privacy(site: SiteData, options: FinetuneOptions
+def release_unit_count(units: int, rng: np.random.Generator | None) -> int:
+    """The unit count that sets q, released with Gaussian noise (std COUNT_NOISE_STD,
+    sensitivity 1 under add/remove-one: the neighbour relation of the whole accounting);
+    its cost is composed into the run's epsilon. ``rng`` None: the OS's CSPRNG."""
+    noise = (secrets.SystemRandom().gauss(0.0, COUNT_NOISE_STD) if rng is None
+             else float(rng.normal(0.0, COUNT_NOISE_STD)))
+    return max(2, round(units + noise))
+
+
+def plan_privacy(site: SiteData, options: FinetuneOptions, released: int | None = None,
+                 rng: np.random.Generator | None = None, delta: float | None = None,
                  ) -> tuple[DpSgdPlan, DpSetting, float, float]:
-    """Sampling rate and steps from the options, noise calibrated to (epsilon, delta) by
-    PLD; returns the plan, the accountant's setting and epsilon by PLD and RDP."""
-    delta = options.delta if options.delta is not None else default_delta(site.n_units)
-    plan0 = DpSgdPlan.make(site.n_units, options.expected_batch_size, options.epochs,
-                           options.clip, 1.0)
-    z = calibrate_noise(options.epsilon, delta, plan0.sampling_rate, plan0.steps)
-    setting = DpSetting(plan0.sampling_rate, z, plan0.steps, delta)
-    plan = DpSgdPlan(plan0.units, plan0.expected_batch_size, plan0.sampling_rate,
-                     plan0.steps, z, options.clip)
-    return plan, setting, epsilon(setting, Accountant.PLD), epsilon(setting, Accountant.RDP)
+    """q = batch / released count, steps = epochs / q, the noise calibrated so that the
+    count and DP-SGD together stay within (epsilon, delta) by PLD; returns the plan, the
+    DP-SGD setting and epsilon (count included) by PLD and RDP."""
+    released = released if released is not None else release_unit_count(site.n_units, rng)
+    delta = delta if delta is not None else (
+        options.delta if options.delta is not None else default_delta(released))
+    q = min(1.0, options.expected_batch_size / released)
+    steps = max(1, math.ceil(options.epochs / q))
+    z = calibrate_noise(options.epsilon, delta, q, steps)
+
+    def cost(zz: float) -> RunCost:
+        return RunCost("patient", 1, q, zz, steps, delta, COUNT_NOISE_STD)
+
+    for _ in range(400):  # the count's share: a little more noise until both fit
+        if run_epsilon(cost(z), delta) <= options.epsilon:
+            break
+        z *= 1.002
+    else:
+        raise BadInput(f"cannot reach epsilon {options.epsilon} with the noisy count")
+    setting = DpSetting(q, z, steps, delta)
+    plan = DpSgdPlan(site.n_units, q * released, q, steps, z, options.clip)
+    event = cost(z).event()
+    return (plan, setting, epsilon_of([event], delta, Accountant.PLD),
+            epsilon_of([event], delta, Accountant.RDP))
 
 
 def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
@@ -216,28 +289,62 @@ def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdP
     """Train the executor's trainable weights with DP-SGD (Adam on the noisy gradient).
 
     ``noise_seed`` None leaves TensorFlow's seeds to the operating system's entropy (the
-    only safe choice outside tests: see FinetuneOptions.noise_seed)."""
+    only safe choice outside tests: see FinetuneOptions.noise_seed). Weights that stop
+    being finite (overflow, NaN loss) end the run with :class:`TrainingFailed`."""
     import tensorflow as tf
 
     if noise_seed is not None:
         tf.random.set_seed(noise_seed)
     sgd = DpSgd(executor, executor.input_names[0], output, plan.clip, plan.noise_multiplier,
                 tf.keras.optimizers.Adam(learning_rate))
-    train_dp_sgd(sgd, plan, site.inputs, site.labels, site.units.tolist(), rng, progress)
+
+    def watched(phase: str, done: int, total: int) -> None:
+        _check_finite(sgd, done)
+        if progress is not None:
+            progress(phase, done, total)
+
+    try:
+        train_dp_sgd(sgd, plan, site.inputs, site.labels, site.units.tolist(), rng, watched)
+    except (tf.errors.OpError, ValueError, ArithmeticError) as e:
+        raise TrainingFailed(f"DP-SGD failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    _check_finite(sgd, plan.steps)
     return sgd
 
 
+class TrainingFailed(Refused):
+    """Training diverged or raised: the run stays charged and is recorded as failed."""
+
+
+def _check_finite(sgd: DpSgd, step: int) -> None:
+    for v in sgd.variables:
+        if not np.all(np.isfinite(v.numpy())):
+            raise TrainingFailed(f"DP-SGD diverged: weight {v.name} is not finite after "
+                                 f"step {step} (check --clip and --learning-rate)")
+
+
+def _check_seed(options: FinetuneOptions, rng: np.random.Generator | None) -> bool:
+    seeded = options.noise_seed is not None or rng is not None
+    if seeded and os.environ.get(TESTING_ENV) != "1":
+        raise BadInput("a seed makes the noise reproducible, which voids the privacy "
+                       f"guarantee: --seed is for the test suite only ({TESTING_ENV}=1)")
+    return seeded
+
+
 def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
-                     options: FinetuneOptions, rng: np.random.Generator | None = None,
-                     progress: Progress | None = None,
-                     on_registered: Callable[[VersionInfo, FinetuneResult], None] | None = None,
-                     ) -> FinetuneResult:
-    """Steps 1-7 of the module docstring. ``on_registered(version, result)`` runs inside
-    the registration (the ledger records the run there); if it fails, the new version is
-    taken back."""
-    rng = rng or np.random.default_rng()
+                     options: FinetuneOptions, rec: Recorder,
+                     rng: np.random.Generator | None = None,
+                     progress: Progress | None = None) -> FinetuneResult:
+    """Steps 1-8 of the module docstring; every act recorded through ``rec``."""
     home = store.home
-    info = store.get(ref)  # (1)
+    if not rec.enabled:
+        raise BadInput(f"{home}: fine-tuning needs the site's identity, so that the run is "
+                       "charged and recorded in its ledger (run `passerelle site init NAME`)")
+    seeded = _check_seed(options, rng)  # (1)
+    policy = BudgetPolicy.of_site(home)
+    policy.check_unit(options.privacy_unit.value)
+    key = site_key(home)
+    info = store.get(ref)
     with tempfile.TemporaryDirectory(prefix=".passerelle-finetune-", dir=home) as tmp:
         work = Path(tmp)
         src = store.download(info, "onnx", work / "src")
@@ -247,54 +354,158 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
         vocab = Vocabulary.load(src / VOCABULARY)
         codes = _codes(src / LABELS)
         site = load_site_data(data, vocab, codes, options.privacy_unit,  # (2)
-                              options.heldout_fraction, options.split_seed,
-                              options.drop_unknown_codes)
+                              options.heldout_fraction, key, options.drop_unknown_codes)
         model_bytes = (src / ONNX_FILE).read_bytes()
         parity_before = check_executor_parity(executor, model_bytes,  # (3)
                                               site.heldout_inputs, output)
-        plan, setting, eps_pld, eps_rdp = plan_privacy(site, options)  # (4)
-        z, delta = plan.noise_multiplier, setting.delta
-        dataset = manifest_digest(data)
-        cap = options.budget_cap if options.budget_cap is not None else site_cap(home)
-        spent = PrivacyBudget(home).reserve(dataset, setting, eps_pld, eps_rdp, cap,  # (5)
-                                            f"finetune {ref}")
-        before = accuracy(logits_of(executor, site.heldout_inputs, output),
-                          site.heldout_labels)  # (6)
-        run_dp_sgd(executor, output, site, plan, options.learning_rate, rng, progress,
-                   options.noise_seed)
-        after = accuracy(logits_of(executor, site.heldout_inputs, output),
-                         site.heldout_labels)
-        out = work / "out"  # (7)
-        out.mkdir()
-        new_bytes = executor.to_model().SerializeToString()
-        (out / ONNX_FILE).write_bytes(new_bytes)
-        parity_after = check_executor_parity(executor, new_bytes, site.heldout_inputs, output)
-        for name in (VOCABULARY, LABELS):
-            shutil.copyfile(src / name, out / name)
-        result = FinetuneResult(
-            version=info, source=ref, epsilon_pld=eps_pld, epsilon_rdp=eps_rdp, delta=delta,
-            noise_multiplier=z, sampling_rate=plan.sampling_rate, steps=plan.steps,
-            clip=options.clip, privacy_unit=options.privacy_unit.value,
-            trainable=options.trainable, accuracy_before=before, accuracy_after=after,
-            train_stays=len(site.labels), train_units=site.n_units,
-            heldout_stays=len(site.heldout_labels), dropped_unknown=site.dropped_unknown,
-            parity_before=parity_before, parity_after=parity_after, budget=spent,
-            budget_cap=cap, dataset=dataset)
-        (out / FINETUNE_CARD).write_text(json.dumps(card(result), indent=1, sort_keys=True,
-                                                    default=str) + "\n")
-        tags = _tags(info, result, sha256_file(out / ONNX_FILE))
-        version = store.register_received(
-            out, ref.name, tags,
-            None if on_registered is None else (lambda v: on_registered(v, result)),
-            metrics=finetune_metrics(result))
+        released = release_unit_count(site.n_units, rng)  # (4)
+        delta = options.delta if options.delta is not None else policy.delta_max(released)
+        policy.check_delta(delta, released)
+        plan, _, eps_pld, eps_rdp = plan_privacy(site, options, released, delta=delta)
+        k = 1 if options.privacy_unit is PrivacyUnit.PATIENT else site.max_stays_per_patient
+        cost = RunCost(options.privacy_unit.value, k, plan.sampling_rate,
+                       plan.noise_multiplier, plan.steps, delta, COUNT_NOISE_STD)
+        eps_patient = group_epsilon(cost, policy.accounting_delta)
+        started, spent = reserve(home, policy, cost, site.members,  # (5)
+                                 lambda charge, sp: rec.record(
+                                     RecordKind.FINETUNE_STARTED,
+                                     subject("onnx", str(ref),
+                                             info.tags.get(TAG + "onnx_digest")),
+                                     _started_fields(ref, options, charge, sp, policy,
+                                                     eps_pld, eps_rdp, eps_patient,
+                                                     released, seeded)))
+        base = {"model": ref.name, "source_version": ref.version,
+                "started_record": str(started.id), "dataset": site.members.dataset,
+                "privacy_unit": options.privacy_unit.value, "epsilon": eps_pld,
+                "accountant": "PLD", "epsilon_rdp": eps_rdp, "delta": delta,
+                "epsilon_patient": eps_patient, "group_size": k,
+                "accounting_delta": policy.accounting_delta,
+                "noise_multiplier": plan.noise_multiplier,
+                "sampling_rate": plan.sampling_rate, "steps": plan.steps,
+                "clip": options.clip, "units_released": released,
+                "budget_spent": spent.epsilon, "budget_cap": policy.epsilon_cap,
+                "seeded": seeded, "private": not seeded}
+        try:
+            result, out = _train_and_write(  # (6), (7)
+                executor, output, site, plan, options, rng, progress, model_bytes, work,
+                src, info, ref, FinetuneFacts(eps_pld, eps_rdp, delta, released, spent,
+                                              policy.epsilon_cap, eps_patient, k,
+                                              parity_before, seeded, str(started.id)))
+            tags = _tags(info, result, sha256_file(out / ONNX_FILE))
+
+            def on_registered(version: VersionInfo) -> None:  # (8) the finished record
+                onnx_digest = version.tags.get(TAG + "onnx_digest")
+                rec.record(RecordKind.FINETUNE,
+                           subject("onnx", str(version.ref), onnx_digest)
+                           + subject("dataset", str(data.name), None),
+                           {**base, "outcome": "finished", "version": version.ref.version,
+                            "onnx_digest": onnx_digest, "trainable": list(options.trainable),
+                            "accuracy_before": result.accuracy_before,
+                            "accuracy_after": result.accuracy_after,
+                            "accuracy_scope": ACCURACY_SCOPE})
+
+            # registration of the fine-tuned version
+            version = store.register_received(out, ref.name, tags, on_registered,
+                                              metrics=finetune_metrics(result))
+        except KeyboardInterrupt:
+            _record_end(rec, base, "interrupted", "interrupted (Ctrl-C)")
+            raise
+        except BaseException as e:
+            _record_end(rec, base, "failed", f"{type(e).__name__}: {e}")
+            raise
     return FinetuneResult(**{**result.__dict__, "version": version})
 
 
+@dataclass(frozen=True)
+class FinetuneFacts:
+    """What is known about a run before it trains."""
+
+    epsilon_pld: float
+    epsilon_rdp: float
+    delta: float
+    released: int
+    spent: Spent
+    cap: float
+    epsilon_patient: float
+    group_size: int
+    parity_before: float
+    seeded: bool
+    started_record: str
+
+
+def _train_and_write(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
+                     options: FinetuneOptions, rng: np.random.Generator | None,
+                     progress: Progress | None, model_bytes: bytes, work: Path, src: Path,
+                     info: VersionInfo, ref: VersionRef, facts: FinetuneFacts,
+                     ) -> tuple[FinetuneResult, Path]:
+    before = accuracy(logits_of(executor, site.heldout_inputs, output), site.heldout_labels)
+    run_dp_sgd(executor, output, site, plan, options.learning_rate,
+               rng or np.random.default_rng(), progress, options.noise_seed)
+    after = accuracy(logits_of(executor, site.heldout_inputs, output), site.heldout_labels)
+    out = work / "out"
+    out.mkdir()
+    new_bytes = executor.to_model().SerializeToString()
+    (out / ONNX_FILE).write_bytes(new_bytes)
+    parity_after = check_executor_parity(executor, new_bytes, site.heldout_inputs, output)
+    for name in (VOCABULARY, LABELS):
+        shutil.copyfile(src / name, out / name)
+    result = FinetuneResult(
+        version=info, source=ref, epsilon_pld=facts.epsilon_pld,
+        epsilon_rdp=facts.epsilon_rdp, delta=facts.delta,
+        noise_multiplier=plan.noise_multiplier, sampling_rate=plan.sampling_rate,
+        steps=plan.steps, clip=options.clip, privacy_unit=options.privacy_unit.value,
+        trainable=options.trainable, accuracy_before=before, accuracy_after=after,
+        units_released=facts.released, heldout_stays=len(site.heldout_labels),
+        heldout_patients=site.heldout_patients, parity_before=facts.parity_before,
+        parity_after=parity_after, budget=facts.spent, budget_cap=facts.cap,
+        epsilon_patient=facts.epsilon_patient, group_size=facts.group_size,
+        dataset=site.members.dataset, seeded=facts.seeded,
+        started_record=facts.started_record)
+    (out / FINETUNE_CARD).write_text(json.dumps(card(result), indent=1, sort_keys=True,
+                                                default=str) + "\n")
+    return result, out
+
+
+def _started_fields(ref: VersionRef, options: FinetuneOptions, charge: dict[str, Any],
+                    spent: Spent, policy: BudgetPolicy, eps_pld: float, eps_rdp: float,
+                    eps_patient: float, released: int, seeded: bool) -> dict[str, Any]:
+    return {"model": ref.name, "source_version": ref.version, "charge": charge,
+            "dataset": charge["dataset"], "privacy_unit": options.privacy_unit.value,
+            "epsilon": eps_pld, "accountant": "PLD", "epsilon_rdp": eps_rdp,
+            "delta": charge["delta"], "epsilon_patient": eps_patient,
+            "accounting_delta": policy.accounting_delta,
+            "noise_multiplier": charge["noise_multiplier"],
+            "sampling_rate": charge["sampling_rate"], "steps": charge["steps"],
+            "clip": options.clip, "learning_rate": options.learning_rate,
+            "epochs": options.epochs, "expected_batch_size": options.expected_batch_size,
+            "trainable": list(options.trainable), "units_released": released,
+            "count_noise_std": COUNT_NOISE_STD, "budget_spent": spent.epsilon,
+            "budget_delta_sum": spent.delta_sum, "budget_runs": spent.runs,
+            "budget_cap": policy.epsilon_cap, "shared_runs": list(spent.shared),
+            "seeded": seeded, "private": not seeded}
+
+
+def _record_end(rec: Recorder, base: dict[str, Any], outcome: str, reason: str) -> None:
+    """The end of a run that did not finish; a ledger that fails now does not hide the
+    original error (the charge is recorded already)."""
+    with contextlib.suppress(PasserelleError):
+        rec.record(RecordKind.FINETUNE, [],
+                   {**base, "outcome": outcome, "reason": " ".join(reason.split())[:2000]})
+
+
 def card(result: FinetuneResult) -> dict[str, Any]:
-    doc = {k: v for k, v in asdict(result).items() if k != "version"}
+    doc = {k: v for k, v in asdict(result).items() if k not in ("version", "budget")}
     doc["source"] = str(result.source)
-    doc["composition"] = ("epsilons of runs on one dataset compose: spent = min(sum of "
-                          "epsilons, PLD accountant over all runs) at the sum of deltas")
+    doc["budget"] = {"epsilon_spent": result.budget.epsilon, "runs": result.budget.runs,
+                     "delta_sum": result.budget.delta_sum,
+                     "accounting_delta": result.budget.accounting_delta,
+                     "shared_runs": list(result.budget.shared)}
+    doc["accuracy_scope"] = ACCURACY_SCOPE
+    doc["units_released_noise"] = (f"Gaussian, std {COUNT_NOISE_STD:g}, composed into "
+                                   "epsilon (add/remove-one neighbours)")
+    doc["composition"] = ("budget per patient: every run sharing a keyed patient token is "
+                          "composed (PLD, patient level; stay-level runs by group privacy) "
+                          "at the site's accounting delta")
     return doc
 
 
@@ -307,25 +518,39 @@ def _tags(info: VersionInfo, r: FinetuneResult, onnx_digest: str) -> dict[str, s
         TAG + "onnx_digest": onnx_digest,
         TAG + "privacy_unit": r.privacy_unit,
         TAG + "dataset_fingerprint": r.dataset,
-        f + "epsilon_pld": f"{r.epsilon_pld:.6g}",
-        f + "epsilon_rdp": f"{r.epsilon_rdp:.6g}",
+        f + "epsilon_pld": f"{_up(r.epsilon_pld)}",
+        f + "epsilon_rdp": f"{_up(r.epsilon_rdp)}",
+        f + "epsilon_patient": f"{_up(r.epsilon_patient)}",
         f + "delta": f"{r.delta:.6g}",
         f + "noise_multiplier": f"{r.noise_multiplier:.6g}",
         f + "clip": f"{r.clip:g}",
         f + "sampling_rate": f"{r.sampling_rate:.6g}",
         f + "steps": str(r.steps),
         f + "privacy_unit": r.privacy_unit,
+        f + "group_size": str(r.group_size),
         f + "trainable": ",".join(r.trainable),
         f + "accuracy_before": f"{r.accuracy_before:.4f}",
         f + "accuracy_after": f"{r.accuracy_after:.4f}",
+        f + "accuracy_scope": "heldout-outside-budget-not-dp",
         f + "heldout_stays": str(r.heldout_stays),
-        f + "train_units": str(r.train_units),
-        f + "dropped_unknown_codes": str(r.dropped_unknown),
-        f + "budget_spent_epsilon": f"{r.budget.epsilon:.6g}",
+        f + "units_released": str(r.units_released),
+        f + "units_released_noise_std": f"{COUNT_NOISE_STD:g}",
+        f + "budget_spent_epsilon": f"{_up(r.budget.epsilon)}",
         f + "budget_cap": f"{r.budget_cap:g}",
+        f + "seeded": "true" if r.seeded else "false",
+        f + "private": "false" if r.seeded else "true",
+        f + "started_record": r.started_record,
         f + "parity_max_abs_diff": f"{r.parity_after:.3g}",
     }
     return tags
+
+
+def _up(value: float) -> str:
+    """A privacy figure to 6 significant digits, rounded up (never in the user's favour)."""
+    if not math.isfinite(value) or value <= 0:
+        return f"{value:g}"
+    step = 10.0 ** (math.floor(math.log10(value)) - 5)
+    return f"{math.ceil(value / step) * step:.6g}"
 
 
 def _codes(path: Path) -> list[str]:

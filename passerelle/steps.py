@@ -209,29 +209,20 @@ def finetune_options(**kwargs: Any) -> FinetuneOptions:
 def finetune_model(store: ModelStore, ref: VersionRef, data: Path, options: FinetuneOptions,
                    rng: np.random.Generator | None = None,
                    progress: Progress | None = None) -> FinetuneResult:
-    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune),
-    recorded in the site's ledger with its privacy figures."""
+    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune):
+    charged and recorded (``finetune_started``) before training, its end recorded
+    (``finetune``: finished, failed or interrupted). Needs the site's identity."""
+    from adapters.finetune import finetune_version
+
     with recorder(store.home) as rec:
-        def record(version: VersionInfo, r: FinetuneResult) -> None:
-            onnx_digest = version.tags.get(TAG + "onnx_digest")
-            rec.record(RecordKind.FINETUNE,
-                       subject("onnx", str(version.ref), onnx_digest)
-                       + subject("dataset", str(data.name), r.dataset),
-                       {"model": version.ref.name, "version": version.ref.version,
-                        "source_version": r.source.version, "onnx_digest": onnx_digest,
-                        "dataset": r.dataset, "privacy_unit": r.privacy_unit,
-                        "epsilon": r.epsilon_pld, "accountant": "PLD",
-                        "epsilon_rdp": r.epsilon_rdp, "delta": r.delta,
-                        "noise_multiplier": r.noise_multiplier,
-                        "sampling_rate": r.sampling_rate, "steps": r.steps, "clip": r.clip,
-                        "trainable": list(r.trainable),
-                        "accuracy_before": r.accuracy_before,
-                        "accuracy_after": r.accuracy_after,
-                        "budget_spent": r.budget.epsilon, "budget_cap": r.budget_cap})
+        return finetune_version(store, ref, data, options, rec, rng, progress)
 
-        from adapters.finetune import finetune_version
 
-        return finetune_version(store, ref, data, options, rng, progress, record)
+def rebuild_budget_store(home: Path) -> int:
+    """Rebuild ``HOME/privacy-budget.sqlite`` from the ledger's charges."""
+    from adapters.budget import rebuild
+
+    return rebuild(home)
 
 
 def _check_new_dir(out: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["PASSERELLE_TESTING"] = "1"  # --seed is refused outside the test suite
 
 from passerelle import steps
 from registry.coder import Architecture, CoderConfig

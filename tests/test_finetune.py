@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from tensorflow_privacy import GaussianSumQuery
 
-from adapters.budget import BudgetExceeded, PrivacyBudget
 from adapters.dp import (
     Accountant,
     DpSetting,
@@ -35,7 +34,6 @@ from adapters.dp import (
 )
 from adapters.finetune import (
     FinetuneOptions,
-    finetune_version,
     load_site_data,
     logits_of,
     plan_privacy,
@@ -44,13 +42,17 @@ from adapters.finetune import (
 from adapters.onnx_tf import OnnxExecutor
 from passerelle import steps
 from passerelle.cli import main
-from passerelle.corpus import manifest_digest
 from passerelle.errors import BadInput
 from registry.audit.metrics import epsilon_lower_bound, roc_curve
 from registry.export import run_onnx
 from registry.store import TAG, ModelStore, PrivacyUnit, VersionRef
 from registry.vocabulary import Vocabulary
 from tests.conftest import TEST_OVERRIDE
+from transfer.identity import init_site
+from transfer.ledger_site import open_ledger
+from transfer.pseudonym import site_key
+from transfer.records import RecordKind
+from transfer.site_policy import set_value
 
 MNIST_Q, MNIST_STEPS = 256 / 60000, int(60 * 60000 / 256)
 
@@ -207,25 +209,6 @@ def test_noise_has_the_analytic_standard_deviation() -> None:
     assert np.std(moved) == pytest.approx(3.0 * math.sqrt(20), rel=0.2)
 
 
-# --------------------------------------------------------------------------- budget
-
-
-def test_budget_refuses_a_run_that_would_exceed_the_cap(tmp_path: Path) -> None:
-    budget = PrivacyBudget(tmp_path)
-    setting = DpSetting(0.05, 1.29, 200, 1e-5)
-    eps = epsilon(setting, Accountant.PLD)
-    spent = budget.reserve("sha256:" + "0" * 64, setting, eps, eps + 0.3, 7.0, "run 1")
-    assert spent.runs == 1 and spent.epsilon == pytest.approx(eps, rel=1e-6)
-    spent = budget.reserve("sha256:" + "0" * 64, setting, eps, eps + 0.3, 7.0, "run 2")
-    # joint PLD accounting is tighter than the sum of epsilons
-    assert spent.epsilon_joint < spent.epsilon_basic == pytest.approx(2 * eps)
-    with pytest.raises(BudgetExceeded):
-        budget.reserve("sha256:" + "0" * 64, setting, eps, eps + 0.3, spent.epsilon + 0.5,
-                       "run 3")
-    assert budget.spent("sha256:" + "0" * 64).runs == 2  # the refused run left nothing
-    assert budget.spent("sha256:" + "1" * 64).runs == 0  # budgets are per dataset
-
-
 # ------------------------------------------------------------------ the command
 
 
@@ -240,6 +223,7 @@ def received(tmp_path_factory: pytest.TempPathFactory,
     steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
     home_y = root / "home-y"
     home_y.mkdir()
+    init_site(home_y, "CHU-Y")
     version = ModelStore(home_y).register_received(
         root / "export", "pmsi-coder",
         {TAG + "source_model": "pmsi-coder", TAG + "source_version": "1",
@@ -275,7 +259,10 @@ def test_finetune_registers_a_new_version_with_privacy_lineage(
         assert TAG + "finetune." + key in tags
     assert tags[TAG + "bundle_digest"] == "sha256:" + "ab" * 32
     assert tags[TAG + "finetuned_from"] == str(received[1])
-    assert tags[TAG + "dataset_fingerprint"] == manifest_digest(corpus_y)
+    assert tags[TAG + "dataset_fingerprint"].startswith("hmac:")
+    assert tags[TAG + "finetune.seeded"] == "true" and tags[TAG + "finetune.private"] == "false"
+    assert tags[TAG + "finetune.accuracy_scope"] == "heldout-outside-budget-not-dp"
+    assert "train_units" not in json.dumps(doc)  # the exact count is never released
     assert float(tags[TAG + "finetune.epsilon_pld"]) <= 3.0
     # the new ONNX runs in onnxruntime and matches the executor
     out = ModelStore(home).download(info, "onnx", tmp_path / "dl")
@@ -286,7 +273,13 @@ def test_finetune_registers_a_new_version_with_privacy_lineage(
     ours = executor({executor.input_names[0]: x})
     np.testing.assert_allclose(np.asarray(ours["logits"]),
                                run_onnx(proto.SerializeToString(), x), atol=1e-4)
-    assert PrivacyBudget(home).spent(manifest_digest(corpus_y)).runs == 1
+    assert [r.fields["outcome"] for r in _runs(home, RecordKind.FINETUNE)] == ["finished"]
+    assert len(_runs(home, RecordKind.FINETUNE_STARTED)) == 1
+
+
+def _runs(home: Path, kind: RecordKind) -> list[Any]:
+    with open_ledger(home) as ledger:
+        return ledger.records(kind=kind)
 
 
 def _refused(argv: list[str], home: Path, capsys: pytest.CaptureFixture[str]) -> int:
@@ -316,18 +309,18 @@ def test_unknown_codes_are_refused_by_default(
     home = _copy_home(received[0], tmp_path)
     argv = ["finetune", str(received[1]), "--data", str(corpus_y), "--epsilon", "3"]
     assert _refused(argv, home, capsys) == 2
-    assert PrivacyBudget(home).spent(manifest_digest(corpus_y)).runs == 0
+    assert _runs(home, RecordKind.FINETUNE_STARTED) == []
 
 
 def test_budget_exceeded_is_refused_before_training(
         received: tuple[Path, VersionRef], corpus_y: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     home = _copy_home(received[0], tmp_path)
-    (home / "privacy-budget.toml").write_text("epsilon_cap = 2.0\n")
+    set_value(home, "privacy.epsilon_cap", "2", "DPO", "test")
     argv = ["finetune", str(received[1]), "--data", str(corpus_y), "--epsilon", "3",
             "--drop-unknown-codes"]
     assert _refused(argv, home, capsys) == 1
-    assert PrivacyBudget(home).spent(manifest_digest(corpus_y)).runs == 0
+    assert _runs(home, RecordKind.FINETUNE_STARTED) == []
 
 
 def test_unsupported_operators_are_refused(
@@ -348,7 +341,7 @@ def test_unsupported_operators_are_refused(
     err = capsys.readouterr().err
     assert err.startswith("error: unsupported ONNX operators: ai.onnx::Softplus")
     assert _versions(home) == before
-    assert PrivacyBudget(home).spent(manifest_digest(corpus_y)).runs == 0
+    assert _runs(home, RecordKind.FINETUNE_STARTED) == []
 
 
 def test_finetuning_beats_the_transferred_model_on_the_sites_patients(
@@ -356,7 +349,7 @@ def test_finetuning_beats_the_transferred_model_on_the_sites_patients(
     """Utility at small size: epsilon 3, patient level; the accuracy band has an upper
     bound too, so that 'DP silently off' (a huge jump) fails."""
     home = _copy_home(received[0], tmp_path)
-    result = finetune_version(
+    result = steps.finetune_model(
         ModelStore(home), received[1], corpus_y,
         FinetuneOptions(epsilon=3.0, delta=1e-5, epochs=8, expected_batch_size=32,
                         learning_rate=5e-3, drop_unknown_codes=True, noise_seed=0),
@@ -391,7 +384,7 @@ def test_membership_inference_on_canaries_stays_under_the_claimed_epsilon(
                                        trainable=["hidden", "logits"])
     codes = [str(c) for c in json.loads((src / "labels.json").read_text())["codes"]]
     site = load_site_data(data, Vocabulary.load(src / "vocabulary.json"), codes,
-                          PrivacyUnit.PATIENT, 0.5, 0, True)
+                          PrivacyUnit.PATIENT, 0.5, site_key(received[0]), True)
     options = FinetuneOptions(epsilon=3.0, delta=1e-5, epochs=8, expected_batch_size=32,
                               noise_seed=3)
     plan, setting, eps_pld, _ = plan_privacy(site, options)

@@ -149,6 +149,9 @@ def verify_site(home: Path, url: str | None = None, checkpoint: Path | None = No
     """
     with open_ledger(home, url) as ledger:
         result = ledger.verify(own_keys(home), mlflow_digest_checker(home))
+        from adapters.budget_store import check_store  # the budget store holds the charges
+
+        check_store(home, ledger.records(kind=RecordKind.FINETUNE_STARTED))
         cp = None
         if checkpoint is not None:
             cp = read_checkpoint(checkpoint, own_keys(home))

@@ -70,6 +70,7 @@ class RecordKind(StrEnum):
     BUNDLE_CREATED = "bundle_created"
     BUNDLE_RECEIVED = "bundle_received"
     BUNDLE_REFUSED = "bundle_refused"
+    FINETUNE_STARTED = "finetune_started"
     FINETUNE = "finetune"
     TRUST_ADDED = "trust_added"
     TRUST_REVOKED = "trust_revoked"

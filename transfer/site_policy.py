@@ -121,6 +121,14 @@ KEYS: Mapping[str, Key] = MappingProxyType({k.name: k for k in (
     # -- privacy budget at this site (adapters/budget.py) ------------------------------
     Key("privacy.epsilon_cap", 10.0, real(0.01, 100.0),
         "largest total epsilon any one dataset may be charged at this site"),
+    Key("privacy.accounting_delta", 1e-5, real(1e-12, 1e-4),
+        "the one delta at which the joint spend of all runs on a patient is evaluated"),
+    Key("privacy.delta_per_run_max", 0.0, real(0.0, 1e-4),
+        "largest delta one run may use (0: min(1e-5, 1 / (10 x training units)))"),
+    Key("privacy.delta_total_max", 1e-4, real(1e-12, 1e-2),
+        "largest sum of the deltas of all runs charged to one patient"),
+    Key("privacy.units", ("patient",), choices("patient", "stay", many=True),
+        "privacy units a run may use (stay: charged at patient level by group privacy)"),
     # -- transfers (transfer/bundle.py) ------------------------------------------------
     Key("transfer.max_validity_days", 90, integer(1, 366),
         "longest validity a bundle created or accepted at this site may have, in days"),

@@ -18,6 +18,7 @@ from passerelle.cli._common import (
     positive_int,
     progress_bar,
 )
+from passerelle.errors import BadInput
 from registry.store import ModelStore, PrivacyUnit, VersionRef
 
 
@@ -27,75 +28,108 @@ def add_to(sub: Subparsers) -> None:
         "Fine-tune a registered (received) ONNX model on this site's corpus with DP-SGD:\n"
         "Poisson sampling of privacy units (the patient by default: all its stays give one\n"
         "clipped contribution), Gaussian noise calibrated to (--epsilon, --delta) with\n"
-        "dp-accounting (epsilon reported by PLD and RDP), normalisation by the expected\n"
-        "batch size. The run is charged to the dataset's privacy budget before training\n"
-        "(cap: HOME/privacy-budget.toml 'epsilon_cap', default 10, or --budget-cap; refused\n"
-        "with exit 1 beyond it). The result is a new version of the same model with lineage\n"
-        "and privacy tags (passerelle.finetune.*). Held-out patients measure accuracy\n"
-        "before/after and never train.",
+        "dp-accounting's PLD accountant (add/remove-one neighbours; the unit count that\n"
+        "sets q is released with Gaussian noise, its cost included), normalisation by the\n"
+        "expected batch size. Needs the site's identity: the run is charged to the budget\n"
+        "of every training patient and recorded in the ledger (finetune_started) before\n"
+        "training; its end (finished, failed, interrupted) is recorded too. The cap, the\n"
+        "delta rules and the allowed units are the site's policy (privacy.*, `passerelle\n"
+        "site policy set`), never a flag; beyond the cap: exit 1. Held-out patients (a\n"
+        "keyed hash of the patient id) measure accuracy before/after: they never train and\n"
+        "are not charged, so those figures are exact and outside the DP guarantee.",
     )
-    p.add_argument("ref", metavar="NAME/VERSION")
-    p.add_argument("--data", required=True, type=Path, metavar="DIR", help="the site's corpus")
-    p.add_argument("--epsilon", required=True, type=float, metavar="E")
+    p.add_argument("ref", metavar="NAME/VERSION", nargs="?")
+    p.add_argument("--data", type=Path, metavar="DIR", help="the site's corpus (required)")
+    p.add_argument("--epsilon", type=float, metavar="E",
+                   help="target epsilon of this run (PLD, at --delta; required)")
     p.add_argument("--delta", type=float, metavar="D",
-                   help="default: min(1e-5, 1 / (10 x training patients))")
+                   help="default and maximum: the site's per-run limit, min(1e-5, 1 / (10 x "
+                   "released units)) unless privacy.delta_per_run_max says otherwise")
     p.add_argument("--privacy-unit", choices=[u.value for u in PrivacyUnit],
-                   default=PrivacyUnit.PATIENT.value)
+                   default=PrivacyUnit.PATIENT.value,
+                   help="default patient; stay only if the site's privacy.units allows it "
+                   "(charged at patient level by group privacy)")
     p.add_argument("--trainable", default="hidden,logits", metavar="LAYERS",
                    help="comma-separated layers (groups) that train (default hidden,logits; "
                    "the embedding trains only if named, slowly)")
     p.add_argument("--epochs", type=positive_int, default=10,
-                   help="expected passes over the units (steps = epochs / q)")
+                   help="expected passes over the units (steps = epochs / q; default 10)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="EXPECTED",
-                   help="expected number of units per step (q = this / units)")
-    p.add_argument("--clip", type=positive_float, default=1.0, help="L2 clipping norm")
-    p.add_argument("--learning-rate", type=positive_float, default=5e-3)
-    p.add_argument("--heldout-fraction", type=positive_float, default=0.2)
-    p.add_argument("--budget-cap", type=positive_float, metavar="E",
-                   help="the dataset's epsilon cap (overrides HOME/privacy-budget.toml)")
+                   help="expected number of units per step (q = this / released units; "
+                   "default 64)")
+    p.add_argument("--clip", type=positive_float, default=1.0,
+                   help="L2 clipping norm (default 1.0)")
+    p.add_argument("--learning-rate", type=positive_float, default=5e-3,
+                   help="Adam learning rate (default 5e-3)")
+    p.add_argument("--heldout-fraction", type=positive_float, default=0.2,
+                   help="share of patients held out by keyed hash (default 0.2; at least "
+                   "10 held-out patients)")
     p.add_argument("--drop-unknown-codes", action="store_true",
                    help="drop stays whose code the model does not know (default: refuse)")
     p.add_argument("--seed", type=int,
-                   help="seed for sampling and noise: reproducible noise voids the privacy "
-                   "guarantee (tests only; default: the operating system's entropy)")
+                   help="seed for sampling and noise: refused unless PASSERELLE_TESTING=1 "
+                   "(the test suite); such a run is recorded as seeded, not private "
+                   "(default: the operating system's entropy)")
+    p.add_argument("--rebuild-budget-store", action="store_true",
+                   help="rebuild HOME/privacy-budget.sqlite from the ledger's charges and "
+                   "stop (after `records verify` reported a store that disagrees)")
 
 
 def finetune(args: argparse.Namespace) -> int:
+    if args.rebuild_budget_store:
+        home = home_of(args)
+        n = steps.rebuild_budget_store(home)
+        emit(args, {"rebuilt": True, "charges": n},
+             lambda: console.print(f"budget store rebuilt from the ledger: {n} charge(s)"))
+        return 0
+    if args.ref is None or args.data is None or args.epsilon is None:
+        raise BadInput("finetune needs NAME/VERSION, --data and --epsilon")
+    from adapters.budget import COUNT_NOISE_STD
+    from adapters.finetune import ACCURACY_SCOPE
+
     ref = VersionRef.parse(args.ref)
     options = steps.finetune_options(
         epsilon=args.epsilon, delta=args.delta, privacy_unit=PrivacyUnit(args.privacy_unit),
         trainable=tuple(t.strip() for t in args.trainable.split(",")), epochs=args.epochs,
         expected_batch_size=args.batch_size, clip=args.clip,
         learning_rate=args.learning_rate, heldout_fraction=args.heldout_fraction,
-        budget_cap=args.budget_cap, drop_unknown_codes=args.drop_unknown_codes,
-        noise_seed=args.seed)
-    rng = np.random.default_rng(args.seed)
+        drop_unknown_codes=args.drop_unknown_codes, noise_seed=args.seed)
+    rng = None if args.seed is None else np.random.default_rng(args.seed)
     with progress_bar(args) as progress:
         r = steps.finetune_model(ModelStore(home_of(args)), ref, args.data, options, rng,
                                  progress)
     doc = {"model": r.version.ref.name, "version": r.version.ref.version,
            "source": str(r.source), "epsilon_pld": r.epsilon_pld, "epsilon_rdp": r.epsilon_rdp,
-           "delta": r.delta, "noise_multiplier": r.noise_multiplier, "clip": r.clip,
-           "sampling_rate": r.sampling_rate, "steps": r.steps, "privacy_unit": r.privacy_unit,
-           "trainable": list(r.trainable), "accuracy_before": r.accuracy_before,
-           "accuracy_after": r.accuracy_after, "train_stays": r.train_stays,
-           "train_units": r.train_units, "heldout_stays": r.heldout_stays,
-           "dropped_unknown_codes": r.dropped_unknown,
-           "budget": {"dataset": r.dataset, "runs": r.budget.runs,
-                      "epsilon_spent": r.budget.epsilon, "epsilon_basic": r.budget.epsilon_basic,
-                      "epsilon_joint_pld": r.budget.epsilon_joint, "delta": r.budget.delta,
-                      "cap": r.budget_cap}}
+           "delta": r.delta, "epsilon_patient": r.epsilon_patient,
+           "group_size": r.group_size, "noise_multiplier": r.noise_multiplier,
+           "clip": r.clip, "sampling_rate": r.sampling_rate, "steps": r.steps,
+           "privacy_unit": r.privacy_unit, "trainable": list(r.trainable),
+           "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
+           "accuracy_scope": ACCURACY_SCOPE, "heldout_stays": r.heldout_stays,
+           "heldout_patients": r.heldout_patients, "units_released": r.units_released,
+           "units_released_noise_std": COUNT_NOISE_STD, "seeded": r.seeded,
+           "private": not r.seeded, "started_record": r.started_record,
+           "budget": {"dataset": r.dataset, "unit": "patient", "runs": r.budget.runs,
+                      "epsilon_spent": r.budget.epsilon, "delta_sum": r.budget.delta_sum,
+                      "accounting_delta": r.budget.accounting_delta,
+                      "shared_runs": list(r.budget.shared), "cap": r.budget_cap}}
 
     def human() -> None:
         console.print(
             f"fine-tuned {r.source} -> {r.version.ref} at {r.privacy_unit} level: "
-            f"epsilon {r.epsilon_pld:.3f} (PLD; RDP {r.epsilon_rdp:.3f}), delta {r.delta:.2g}, "
-            f"noise {r.noise_multiplier:.3f}, clip {r.clip:g}, q {r.sampling_rate:.4f}, "
-            f"{r.steps} steps")
-        console.print(f"held-out accuracy ({r.heldout_stays} stays): "
-                      f"{r.accuracy_before:.1%} -> {r.accuracy_after:.1%}")
-        console.print(f"dataset budget: {r.budget.epsilon:.3f} of {r.budget_cap:g} spent "
-                      f"in {r.budget.runs} run(s)")
+            f"epsilon {r.epsilon_pld:.4f} (PLD; RDP {r.epsilon_rdp:.4f}), delta {r.delta:.3g}, "
+            f"noise {r.noise_multiplier:.4f}, clip {r.clip:g}, q {r.sampling_rate:.4f}, "
+            f"{r.steps} steps, units released {r.units_released} (noise std "
+            f"{COUNT_NOISE_STD:g})" + ("; SEEDED: not private" if r.seeded else ""))
+        if r.group_size > 1:
+            console.print(f"patient level (group privacy, up to {r.group_size} stays per "
+                          f"patient): epsilon {r.epsilon_patient:.4f} at delta "
+                          f"{r.budget.accounting_delta:g}")
+        console.print(f"held-out accuracy ({r.heldout_patients} patients outside the budget, "
+                      f"exact, not DP): {r.accuracy_before:.1%} -> {r.accuracy_after:.1%}")
+        console.print(f"budget (patient level, at delta {r.budget.accounting_delta:g}): the "
+                      f"most charged patient has spent {r.budget.epsilon:.4f} of "
+                      f"{r.budget_cap:g} in {r.budget.runs} run(s)")
 
     emit(args, doc, human)
     return 0
