@@ -274,7 +274,8 @@ def spend_of(earlier: Sequence[tuple[str, Mapping[str, Any]]], cost: RunCost,
 # -- charging --------------------------------------------------------------------------
 
 
-def _own_records(home: Path) -> list[Any]:
+def own_charges(home: Path) -> list[Any]:
+    """The site's ``finetune_started`` records, signatures checked."""
     from transfer.ledger_site import open_ledger, own_keys
     from transfer.records import RecordKind, check_signature
 
@@ -310,7 +311,7 @@ def reserve(home: Path, policy: BudgetPolicy, cost: RunCost, members: Members,
     with open_store(home) as db:
         db.execute("BEGIN IMMEDIATE")
         try:
-            recorded = ledger_charges(_own_records(home))
+            recorded = ledger_charges(own_charges(home))
             compare(stored_charges(db), recorded, home / "privacy-budget.sqlite")
             spent = spend_of([(rid, c) for rid, _, c in recorded], cost, members,
                              policy.accounting_delta)
@@ -341,12 +342,12 @@ def rebuild(home: Path) -> int:
     """Rebuild the budget store from the ledger's charges (signatures checked)."""
     from adapters.budget_store import rebuild_store
 
-    return rebuild_store(home, _own_records(home))
+    return rebuild_store(home, own_charges(home))
 
 
 def current_spend(home: Path, members: Members, accounting_delta: float) -> float:
     """What the most charged of ``members`` has spent so far (0 if never charged)."""
-    recorded = ledger_charges(_own_records(home))
+    recorded = ledger_charges(own_charges(home))
     tokens = [(frozenset(str(c.get("members", "")).split()), RunCost.of(c))
               for _, _, c in recorded]
     groups = {frozenset(i for i, (t, _) in enumerate(tokens) if t & p)

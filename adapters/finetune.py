@@ -35,7 +35,7 @@ import secrets
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,9 +51,11 @@ from adapters.budget import (
     Spent,
     group_epsilon,
     members_of,
+    own_charges,
     reserve,
     run_epsilon,
 )
+from adapters.budget_store import check_store
 from adapters.dp import (
     Accountant,
     DpSetting,
@@ -173,6 +175,13 @@ ACCURACY_SCOPE = ("held-out patients (keyed split): never trained on and not cha
                   "the budget; exact figures about them, outside the DP guarantee")
 
 
+def heldout_patients(key: bytes, patient_ids: Collection[str],
+                     fraction: float) -> frozenset[str]:
+    """The patients held out: keyed_fraction(key, id) < fraction, each on its own."""
+    return frozenset(p for p in set(patient_ids)
+                     if keyed_fraction_with(key, HELDOUT_PURPOSE, p) < fraction)
+
+
 def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: PrivacyUnit,
                    heldout_fraction: float, key: bytes, drop_unknown: bool) -> SiteData:
     """Step 2. A patient is held out iff keyed_fraction(key, patient id) < fraction: its
@@ -195,8 +204,7 @@ def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: Privac
     x = vocab.encode(texts)
     y = np.asarray([index[s.main_diagnosis] for s in stays], dtype=np.int64)
     pids = [s.patient_id for s in stays]
-    held = {p for p in set(pids)
-            if keyed_fraction_with(key, HELDOUT_PURPOSE, p) < heldout_fraction}
+    held = heldout_patients(key, pids, heldout_fraction)
     train = [i for i, p in enumerate(pids) if p not in held]
     test = [i for i, p in enumerate(pids) if p in held]
     train_patients = sorted({pids[i] for i in train})
@@ -270,17 +278,30 @@ def plan_privacy(site: SiteData, options: FinetuneOptions, released: int | None 
     def cost(zz: float) -> RunCost:
         return RunCost("patient", 1, q, zz, steps, delta, COUNT_NOISE_STD)
 
-    for _ in range(400):  # the count's share: a little more noise until both fit
-        if run_epsilon(cost(z), delta) <= options.epsilon:
-            break
-        z *= 1.002
-    else:
-        raise BadInput(f"cannot reach epsilon {options.epsilon} with the noisy count")
+    z = _with_count(z, lambda zz: run_epsilon(cost(zz), delta), options.epsilon)
     setting = DpSetting(q, z, steps, delta)
     plan = DpSgdPlan(site.n_units, q * released, q, steps, z, options.clip)
     event = cost(z).event()
     return (plan, setting, epsilon_of([event], delta, Accountant.PLD),
             epsilon_of([event], delta, Accountant.RDP))
+
+
+def _with_count(z: float, eps: Callable[[float], float], target: float) -> float:
+    """The smallest noise (to 0.1 %) >= ``z`` at which DP-SGD and the noisy count together
+    are within ``target`` (a valid upper end is always returned, never a lower one)."""
+    if eps(z) <= target:
+        return z
+    lo, hi = z, z * 1.01
+    for _ in range(60):
+        if eps(hi) <= target:
+            break
+        lo, hi = hi, hi * 1.1
+    else:
+        raise BadInput(f"cannot reach epsilon {target} with the noisy count")
+    while hi - lo > 1e-3 * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
+    return hi
 
 
 def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
@@ -295,15 +316,15 @@ def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdP
 
     if noise_seed is not None:
         tf.random.set_seed(noise_seed)
-    sgd = DpSgd(executor, executor.input_names[0], output, plan.clip, plan.noise_multiplier,
-                tf.keras.optimizers.Adam(learning_rate))
-
-    def watched(phase: str, done: int, total: int) -> None:
-        _check_finite(sgd, done)
-        if progress is not None:
-            progress(phase, done, total)
-
     try:
+        sgd = DpSgd(executor, executor.input_names[0], output, plan.clip,
+                    plan.noise_multiplier, tf.keras.optimizers.Adam(learning_rate))
+
+        def watched(phase: str, done: int, total: int) -> None:
+            _check_finite(sgd, done)
+            if progress is not None:
+                progress(phase, done, total)
+
         train_dp_sgd(sgd, plan, site.inputs, site.labels, site.units.tolist(), rng, watched)
     except (tf.errors.OpError, ValueError, ArithmeticError) as e:
         raise TrainingFailed(f"DP-SGD failed: {type(e).__name__}: "
@@ -343,6 +364,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
     seeded = _check_seed(options, rng)  # (1)
     policy = BudgetPolicy.of_site(home)
     policy.check_unit(options.privacy_unit.value)
+    check_store(home, own_charges(home))  # a store that disagrees: refused before any work
     key = site_key(home)
     info = store.get(ref)
     with tempfile.TemporaryDirectory(prefix=".passerelle-finetune-", dir=home) as tmp:
