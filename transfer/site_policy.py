@@ -120,11 +120,12 @@ class Key:
 KEYS: Mapping[str, Key] = MappingProxyType({k.name: k for k in (
     # -- privacy budget at this site (adapters/budget.py) ------------------------------
     Key("privacy.epsilon_cap", 10.0, real(0.01, 100.0),
-        "largest total epsilon any one dataset may be charged at this site"),
+        "largest joint epsilon any one patient may be charged at this site (PLD, patient "
+        "level, at privacy.accounting_delta)"),
     Key("privacy.accounting_delta", 1e-5, real(1e-12, 1e-4),
         "the one delta at which the joint spend of all runs on a patient is evaluated"),
     Key("privacy.delta_per_run_max", 0.0, real(0.0, 1e-4),
-        "largest delta one run may use (0: min(1e-5, 1 / (10 x training units)))"),
+        "largest delta one run may use (0: min(1e-5, 1 / (10 x released units)))"),
     Key("privacy.delta_total_max", 1e-4, real(1e-12, 1e-2),
         "largest sum of the deltas of all runs charged to one patient"),
     Key("privacy.units", ("patient",), choices("patient", "stay", many=True),
