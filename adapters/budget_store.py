@@ -42,9 +42,11 @@ def _check_legacy(home: Path) -> None:
 
 
 @contextmanager
-def open_store(home: Path) -> Iterator[sqlite3.Connection]:
-    """The store, created if missing; an old per-manifest store is refused."""
-    _check_legacy(home)
+def open_store(home: Path, cap_file_check: bool = True) -> Iterator[sqlite3.Connection]:
+    """The store, created if missing; an old per-manifest store is refused, and so is
+    the old cap file (unless ``cap_file_check`` is False: ``records verify``)."""
+    if cap_file_check:
+        _check_legacy(home)
     db = sqlite3.connect(home / BUDGET_DB, timeout=60, isolation_level=None)
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -112,7 +114,7 @@ def check_store(home: Path, records: Sequence[Any]) -> int:
     recorded = ledger_charges(records)
     if not recorded and not (home / BUDGET_DB).exists():
         return 0
-    with open_store(home) as db:
+    with open_store(home, cap_file_check=False) as db:
         compare(stored_charges(db), recorded, home / BUDGET_DB)
     return len(recorded)
 
