@@ -33,7 +33,8 @@ def charge_text(charge: Mapping[str, Any]) -> str:
     return canonical_json(dict(charge)).decode("utf-8")
 
 
-def _check_legacy(home: Path) -> None:
+def check_cap_file(home: Path) -> None:
+    """BadInput if the old ``privacy-budget.toml`` is still there (a migration error)."""
     if (home / LEGACY_CONFIG).exists():
         raise BadInput(f"{home / LEGACY_CONFIG}: the privacy budget's cap is now the site "
                        "policy setting privacy.epsilon_cap (`passerelle site policy set "
@@ -46,7 +47,7 @@ def open_store(home: Path, cap_file_check: bool = True) -> Iterator[sqlite3.Conn
     """The store, created if missing; an old per-manifest store is refused, and so is
     the old cap file (unless ``cap_file_check`` is False: ``records verify``)."""
     if cap_file_check:
-        _check_legacy(home)
+        check_cap_file(home)
     db = sqlite3.connect(home / BUDGET_DB, timeout=60, isolation_level=None)
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -121,7 +122,7 @@ def check_store(home: Path, records: Sequence[Any]) -> int:
 
 def rebuild_store(home: Path, records: Sequence[Any]) -> int:
     """Replace the store's rows by the ledger's charges; returns their number."""
-    _check_legacy(home)
+    check_cap_file(home)
     path = home / BUDGET_DB
     if path.exists():
         with sqlite3.connect(path) as db:

@@ -55,7 +55,7 @@ from adapters.budget import (
     reserve,
     run_epsilon,
 )
-from adapters.budget_store import check_store
+from adapters.budget_store import check_cap_file, check_store
 from adapters.dp import (
     Accountant,
     DpSetting,
@@ -364,6 +364,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
     seeded = _check_seed(options, rng)  # (1)
     policy = BudgetPolicy.of_site(home)
     policy.check_unit(options.privacy_unit.value)
+    check_cap_file(home)
     check_store(home, own_charges(home))  # a store that disagrees: refused before any work
     key = site_key(home)
     info = store.get(ref)
