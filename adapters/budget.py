@@ -320,7 +320,7 @@ def reserve(home: Path, policy: BudgetPolicy, cost: RunCost, members: Members,
                     f"privacy budget exceeded: with this run, a patient of dataset "
                     f"{members.dataset[:17]}… would have spent epsilon {spent.epsilon:.3f} "
                     f"(PLD, patient level, at delta {policy.accounting_delta:g}, "
-                    f"{spent.runs} run(s)) > cap {policy.epsilon_cap:g}")
+                    f"{spent.runs} run(s){_group_note(cost)}) > cap {policy.epsilon_cap:g}")
             if spent.delta_sum > policy.delta_total_max:
                 raise BudgetExceeded(
                     f"privacy budget exceeded: the deltas of the {spent.runs} run(s) "
@@ -336,6 +336,13 @@ def reserve(home: Path, policy: BudgetPolicy, cost: RunCost, members: Members,
             db.execute("ROLLBACK")
             raise
     return rec, spent
+
+
+def _group_note(cost: RunCost) -> str:
+    if cost.run_unit == "patient":
+        return ""
+    return (f"; this stay-level run by group privacy over up to {cost.group_size} stays "
+            "per patient")
 
 
 def rebuild(home: Path) -> int:
