@@ -226,9 +226,10 @@ def _finetune(run: _Run) -> str:
     return (f"{SITE_Y} fine-tuned {received} on its own stays under DP-SGD ({r.privacy_unit} "
             f"level, ε = {r.epsilon_pld:.3f} by PLD, {r.epsilon_rdp:.3f} by RDP, δ = "
             f"{r.delta:g}, noise {r.noise_multiplier:.3f}, q = {r.sampling_rate:.4f}, "
-            f"{r.steps} steps): accuracy on its held-out patients {r.accuracy_before:.1%} → "
-            f"{r.accuracy_after:.1%}; registered as {r.version.ref}; budget spent on this "
-            f"dataset {r.budget.epsilon:.3f} of {r.budget_cap:g}")
+            f"{r.steps} steps): accuracy on its held-out patients (not trained on, not "
+            f"charged; exact, outside the DP guarantee) {r.accuracy_before:.1%} → "
+            f"{r.accuracy_after:.1%}; registered as {r.version.ref}; budget spent by its most "
+            f"charged patient {r.budget.epsilon:.3f} of {r.budget_cap:g}")
 
 
 def _ledgers(run: _Run) -> str:
