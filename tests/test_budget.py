@@ -242,7 +242,10 @@ def test_a_diverging_run_is_charged_and_recorded_as_failed(
     assert ModelStore(home).versions("pmsi-coder") == before
     report = tmp_path / "report.html"
     assert main(["report", "--out", str(report), "--home", str(home)]) == 0
-    assert f"seq {ended[0].seq}" in report.read_text()
+    page = report.read_text()
+    dp = page[page.index('<section id="dp-budget"'):]
+    dp = dp[:dp.index("</section>")]
+    assert f"#{ended[0].seq}" in dp and "FAILED" in dp  # the report lists the failed run
 
 
 def test_an_interrupted_run_is_recorded_as_interrupted(
