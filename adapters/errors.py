@@ -22,10 +22,25 @@ class UnsupportedOperators(UnsupportedModel):
     with the default domain spelled ``""``.
     """
 
-    def __init__(self, operators: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, operators: Iterable[tuple[str, str]], hint: str = "") -> None:
         self.operators: tuple[tuple[str, str], ...] = tuple(sorted(set(operators)))
         listed = ", ".join(f"{d or 'ai.onnx'}::{op}" for d, op in self.operators)
-        super().__init__(f"unsupported ONNX operators: {listed}")
+        super().__init__(f"unsupported ONNX operators: {listed}" + (f" ({hint})" if hint else ""))
+
+
+class UnsupportedOperator(UnsupportedOperators):
+    """Operators of the table used with attributes, inputs or outputs they refuse.
+
+    ``problems`` lists every ``(domain, op_type, node name, reason)`` of the graph, so that
+    all refused uses are reported at once, when the executor is built (never mid-training).
+    """
+
+    def __init__(self, problems: Iterable[tuple[str, str, str, str]]) -> None:
+        self.problems: tuple[tuple[str, str, str, str], ...] = tuple(problems)
+        self.operators = tuple(sorted({(d, op) for d, op, _, _ in self.problems}))
+        listed = "; ".join(f"{d or 'ai.onnx'}::{op} node {name!r}: {why}"
+                           for d, op, name, why in self.problems)
+        UnsupportedModel.__init__(self, f"unsupported use of ONNX operators: {listed}")
 
 
 class UnknownParameter(BadInput):

@@ -65,7 +65,12 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
-from adapters.errors import UnknownParameter, UnsupportedModel, UnsupportedOperators
+from adapters.errors import (
+    UnknownParameter,
+    UnsupportedModel,
+    UnsupportedOperator,
+    UnsupportedOperators,
+)
 from passerelle.errors import BadInput
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -74,11 +79,13 @@ import tensorflow as tf
 Tensor = Any  # tf.Tensor or tf.Variable; TensorFlow ships no type information
 OpResult = Tensor | tuple[Tensor, ...]
 OpFunction = Callable[..., OpResult]
+OpCheck = Callable[["NodeContext"], "str | None"]  # a reason to refuse the node, or None
 F = TypeVar("F", bound=OpFunction)
 
 # protobuf's parse error (imported by name: protobuf ships no type stubs here)
 _DecodeError: type[Exception] = importlib.import_module("google.protobuf.message").DecodeError
 ML_DOMAIN = "ai.onnx.ml"
+STRING = onnx.TensorProto.STRING
 SUPPORTED_OPSETS: Mapping[str, range] = {"": range(13, 23), ML_DOMAIN: range(1, 6)}
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
@@ -109,25 +116,30 @@ class OpSpec:
     op_type: str
     function: OpFunction
     weights: tuple[str, ...] = ()  # float-list attributes that hold weights
+    check: OpCheck | None = None  # run on every node when the executor is built
 
 
 _OPS: dict[tuple[str, str], OpSpec] = {}
 
 
-def register_op(domain: str, op_type: str, *, weights: Sequence[str] = ()) -> Callable[[F], F]:
+def register_op(domain: str, op_type: str, *, weights: Sequence[str] = (),
+                check: OpCheck | None = None) -> Callable[[F], F]:
     """Register ``function(ctx, *inputs)`` as the implementation of ``domain::op_type``.
 
     The function receives a :class:`NodeContext` and the node's inputs (``None`` for an
     omitted optional input) and returns a tensor or a tuple of tensors, one per output.
     ``weights`` names float-list attributes that the executor turns into variables and
-    hands to the function through ``ctx.weight(name)``.
+    hands to the function through ``ctx.weight(name)``. ``check(ctx)``, run on every node
+    of the operator when the executor is built, returns the reason why this use of the
+    operator (an attribute value, an output) is refused, or ``None``: all refusals of a
+    graph are raised together as :class:`~adapters.errors.UnsupportedOperator`.
     """
 
     def decorate(function: F) -> F:
         key = (_domain(domain), op_type)
         if key in _OPS:
             raise ValueError(f"operator {key} registered twice")
-        _OPS[key] = OpSpec(key[0], op_type, function, tuple(weights))
+        _OPS[key] = OpSpec(key[0], op_type, function, tuple(weights), check)
         return function
 
     return decorate
@@ -154,6 +166,23 @@ class NodeContext:
 
     def weight(self, name: str) -> Tensor | None:
         return self.weights.get(name)
+
+    def has_input(self, index: int) -> bool:
+        return index < len(self.node.input) and bool(self.node.input[index])
+
+    def has_output(self, index: int) -> bool:
+        return index < len(self.node.output) and bool(self.node.output[index])
+
+    def known(self, index: int, value: Tensor | None) -> npt.NDArray[Any] | None:
+        """Like :meth:`static`, but ``None`` (not a refusal) when the value is only known
+        when the graph runs."""
+        if not self.has_input(index):
+            return None
+        name = self.node.input[index]
+        if name in self.constants:
+            return self.constants[name]
+        found = tf.get_static_value(value)
+        return None if found is None else np.asarray(found)
 
     def static(self, index: int, value: Tensor | None) -> npt.NDArray[Any] | None:
         """The build-time value of input ``index`` (axes, shapes), or ``None`` if omitted."""
@@ -214,14 +243,136 @@ def _where(ctx: NodeContext, cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return tf.where(cond, a, b)
 
 
-@register_op("", "Cast")
+def _check_cast(ctx: NodeContext) -> str | None:
+    if ctx.attr("to") == STRING:
+        return "casting to strings is not supported"
+    if ctx.attr("to") == onnx.TensorProto.BFLOAT16:  # TensorFlow rounds differently
+        return "casting to bfloat16 is not supported"
+    return None
+
+
+@register_op("", "Cast", check=_check_cast)
 def _cast(ctx: NodeContext, x: Tensor) -> Tensor:
+    if x.dtype == tf.string:
+        raise UnsupportedModel(f"Cast node {ctx.node.name!r}: casting strings to numbers "
+                               "is not supported")
     return tf.cast(x, _tf_dtype(int(ctx.attr("to"))))
 
 
 @register_op("", "Constant")
 def _constant(ctx: NodeContext) -> Tensor:
     return tf.constant(ctx.constants[ctx.node.output[0]])
+
+
+for _op, _fn in {
+    "Erf": tf.math.erf, "Floor": tf.math.floor, "Ceil": tf.math.ceil, "Sign": tf.math.sign,
+    "Softsign": tf.math.softsign, "Sin": tf.math.sin, "Cos": tf.math.cos,
+}.items():
+    _unary(_op, _fn)
+
+for _op, _fn2 in {
+    "And": tf.math.logical_and, "Or": tf.math.logical_or, "Xor": tf.math.logical_xor,
+    "GreaterOrEqual": tf.math.greater_equal, "LessOrEqual": tf.math.less_equal,
+}.items():
+    _binary(_op, _fn2)
+
+
+@register_op("", "LeakyRelu")
+def _leaky_relu(ctx: NodeContext, x: Tensor) -> Tensor:
+    alpha = tf.cast(float(ctx.attr("alpha", 0.01)), x.dtype)
+    return tf.where(x >= 0, x, x * alpha)
+
+
+@register_op("", "Elu")
+def _elu(ctx: NodeContext, x: Tensor) -> Tensor:
+    alpha = tf.cast(float(ctx.attr("alpha", 1.0)), x.dtype)
+    return tf.where(x >= 0, x, alpha * (tf.math.exp(tf.minimum(x, 0)) - 1))
+
+
+@register_op("", "Selu")
+def _selu(ctx: NodeContext, x: Tensor) -> Tensor:
+    alpha = tf.cast(float(ctx.attr("alpha", 1.67326319217681884765625)), x.dtype)
+    gamma = tf.cast(float(ctx.attr("gamma", 1.05070102214813232421875)), x.dtype)
+    return gamma * tf.where(x > 0, x, alpha * (tf.math.exp(tf.minimum(x, 0)) - 1))
+
+
+@register_op("", "HardSigmoid")
+def _hard_sigmoid(ctx: NodeContext, x: Tensor) -> Tensor:
+    alpha = tf.cast(float(ctx.attr("alpha", 0.2)), x.dtype)
+    beta = tf.cast(float(ctx.attr("beta", 0.5)), x.dtype)
+    return tf.clip_by_value(alpha * x + beta, tf.cast(0, x.dtype), tf.cast(1, x.dtype))
+
+
+def _check_gelu(ctx: NodeContext) -> str | None:
+    kind = ctx.attr("approximate", "none")
+    return None if kind in ("none", "tanh") else f"approximate={kind!r}"
+
+
+@register_op("", "Gelu", check=_check_gelu)
+def _gelu(ctx: NodeContext, x: Tensor) -> Tensor:
+    return tf.nn.gelu(x, approximate=ctx.attr("approximate", "none") == "tanh")
+
+
+def _variadic(op_type: str, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    def run(ctx: NodeContext, *xs: Tensor) -> Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out if len(xs) > 1 else tf.identity(out)
+
+    register_op("", op_type)(run)
+
+
+_variadic("Sum", tf.math.add)
+
+
+def _max(a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise maximum; NaN wins, as in onnxruntime and numpy."""
+    out = tf.math.maximum(a, b)
+    if a.dtype.is_floating:
+        out = tf.where(tf.math.is_nan(a) | tf.math.is_nan(b), a + b, out)
+    return out
+
+
+def _min(a: Tensor, b: Tensor) -> Tensor:
+    out = tf.math.minimum(a, b)
+    if a.dtype.is_floating:
+        out = tf.where(tf.math.is_nan(a) | tf.math.is_nan(b), a + b, out)
+    return out
+
+
+_variadic("Max", _max)
+_variadic("Min", _min)
+
+
+@register_op("", "Mean")
+def _mean(ctx: NodeContext, *xs: Tensor) -> Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out / tf.cast(len(xs), out.dtype)
+
+
+@register_op("", "Clip")
+def _clip(ctx: NodeContext, x: Tensor, low: Tensor | None = None,
+          high: Tensor | None = None) -> Tensor:
+    # min(max(x, low), high): when low > high every value becomes high, as in ONNX
+    if low is not None:
+        x = tf.math.maximum(x, tf.cast(low, x.dtype))
+    if high is not None:
+        x = tf.math.minimum(x, tf.cast(high, x.dtype))
+    return x
+
+
+@register_op("", "Dropout")
+def _dropout(ctx: NodeContext, x: Tensor, ratio: Tensor | None = None,
+             training: Tensor | None = None) -> OpResult:
+    """Inference: the identity (and an all-true mask). Training-mode dropout is refused."""
+    mode = ctx.known(2, training)
+    if training is not None and (mode is None or bool(np.ravel(mode)[0])):
+        raise UnsupportedModel(f"Dropout node {ctx.node.name!r}: training_mode must be a "
+                               "constant false (export the model in eval mode)")
+    return tf.identity(x), tf.ones_like(x, dtype=tf.bool)
 
 
 # -------------------------------------------------------------------- linear algebra
@@ -348,6 +499,113 @@ def _argmax(ctx: NodeContext, x: Tensor) -> Tensor:
     return tf.expand_dims(out, axis) if ctx.attr("keepdims", 1) else out
 
 
+def _ints(values: npt.NDArray[Any] | Sequence[int]) -> list[int]:
+    return [int(v) for v in np.ravel(values)]
+
+
+@register_op("", "Slice")
+def _slice(ctx: NodeContext, x: Tensor, starts: Tensor, ends: Tensor,
+           axes: Tensor | None = None, steps: Tensor | None = None) -> Tensor:
+    """numpy slicing on the listed axes (negative indices count from the end; out-of-range
+    bounds are clamped; a negative step walks backwards), through ``tf.strided_slice``."""
+    rank = x.shape.rank
+    n = int(starts.shape[0])
+    given = ctx.static(3, axes)
+    wanted = list(range(n)) if given is None else [a + rank if a < 0 else a
+                                                    for a in _ints(given)]
+    stride = [1] * n if steps is None else _ints(ctx.static(4, steps))  # type: ignore[arg-type]
+    if 0 in stride:
+        raise UnsupportedModel(f"Slice node {ctx.node.name!r}: a step of 0")
+    strides = [1] * rank
+    for axis, s in zip(wanted, stride, strict=True):
+        strides[axis] = s
+    mask = sum(1 << a for a in range(rank) if a not in wanted)
+    known_starts, known_ends = ctx.known(1, starts), ctx.known(2, ends)
+
+    def full(values: npt.NDArray[Any] | None, tensor: Tensor) -> Any:
+        if values is not None:
+            out = np.zeros(rank, np.int64)
+            out[wanted] = np.ravel(values).astype(np.int64)
+            return out
+        return tf.tensor_scatter_nd_update(tf.zeros([rank], tf.int64),
+                                           [[a] for a in wanted], tf.cast(tensor, tf.int64))
+
+    return tf.strided_slice(x, full(known_starts, starts), full(known_ends, ends),
+                            np.asarray(strides, np.int64), begin_mask=mask, end_mask=mask)
+
+
+@register_op("", "Expand")
+def _expand(ctx: NodeContext, x: Tensor, shape: Tensor) -> Tensor:
+    """Two-way broadcast of ``x`` with ``shape`` (a 1 in ``shape`` keeps ``x``'s size)."""
+    known = ctx.known(1, shape)
+    target: Any = (tf.constant(_ints(known), tf.int64) if known is not None
+                   else tf.cast(shape, tf.int64))
+    full = tf.broadcast_dynamic_shape(tf.shape(x, out_type=tf.int64), target)
+    if known is not None and x.shape.is_fully_defined():
+        full = np.broadcast_shapes(tuple(x.shape.as_list()), tuple(_ints(known)))
+    return tf.broadcast_to(x, full)
+
+
+@register_op("", "Tile")
+def _tile(ctx: NodeContext, x: Tensor, repeats: Tensor) -> Tensor:
+    known = ctx.known(1, repeats)
+    return tf.tile(x, _ints(known) if known is not None else tf.cast(repeats, tf.int64))
+
+
+@register_op("", "ConstantOfShape")
+def _constant_of_shape(ctx: NodeContext, shape: Tensor) -> Tensor:
+    value = ctx.attr("value")
+    fill = (np.zeros(1, np.float32) if value is None
+            else np.ravel(numpy_helper.to_array(value)))
+    known = ctx.known(0, shape)
+    dims: Any = _ints(known) if known is not None else tf.cast(shape, tf.int64)
+    return tf.fill(dims, tf.constant(fill[0], dtype=tf.as_dtype(fill.dtype)))
+
+
+@register_op("", "Range")
+def _range(ctx: NodeContext, start: Tensor, limit: Tensor, delta: Tensor) -> Tensor:
+    dtype = start.dtype
+    if dtype in (tf.int16, tf.int8):  # tf.range counts in int32/int64/float only
+        out = tf.range(tf.cast(start, tf.int32), tf.cast(limit, tf.int32),
+                       tf.cast(delta, tf.int32))
+        return tf.cast(out, dtype)
+    return tf.range(start, limit, delta, dtype=dtype)
+
+
+@register_op("", "CumSum")
+def _cumsum(ctx: NodeContext, x: Tensor, axis: Tensor) -> Tensor:
+    known = ctx.static(1, axis)
+    assert known is not None  # noqa: S101  (a required input)
+    return tf.math.cumsum(x, axis=int(np.ravel(known)[0]),
+                          exclusive=bool(ctx.attr("exclusive", 0)),
+                          reverse=bool(ctx.attr("reverse", 0)))
+
+
+@register_op("", "Split")
+def _split(ctx: NodeContext, x: Tensor, split: Tensor | None = None) -> OpResult:
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + x.shape.rank if axis < 0 else axis
+    n = len(ctx.node.output)
+    sizes: list[int] | None = None
+    if split is not None:
+        sizes = _ints(ctx.static(1, split))  # type: ignore[arg-type]
+    elif ctx.attr("split") is not None:  # opset < 13
+        sizes = _ints(ctx.attr("split"))
+    if sizes is None:
+        total = x.shape[axis]
+        if total is None:
+            return tuple(tf.split(x, n, axis=axis))
+        chunk = -(-int(total) // n)  # opset 18: the last chunk may be smaller
+        sizes = [min(chunk, int(total) - i * chunk) for i in range(n)]
+    return tuple(tf.split(x, sizes, axis=axis))
+
+
+@register_op("", "ReverseSequence")
+def _reverse_sequence(ctx: NodeContext, x: Tensor, lengths: Tensor) -> Tensor:
+    return tf.reverse_sequence(x, lengths, seq_axis=int(ctx.attr("time_axis", 0)),
+                               batch_axis=int(ctx.attr("batch_axis", 1)))
+
+
 # -------------------------------------------------------------------------- reductions
 
 
@@ -370,7 +628,49 @@ def _reduce(fn: Callable[..., Tensor], axes_input_since: int) -> OpFunction:
 
 register_op("", "ReduceSum")(_reduce(tf.math.reduce_sum, 13))
 register_op("", "ReduceMean")(_reduce(tf.math.reduce_mean, 18))
-register_op("", "ReduceMax")(_reduce(tf.math.reduce_max, 18))
+
+
+def _reduce_max(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    if x.dtype == tf.bool:  # opset 20 reduces booleans too
+        return tf.math.reduce_any(x, axis=axis, keepdims=keepdims)
+    return tf.math.reduce_max(x, axis=axis, keepdims=keepdims)
+
+
+def _reduce_min(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    if x.dtype == tf.bool:
+        return tf.math.reduce_all(x, axis=axis, keepdims=keepdims)
+    return tf.math.reduce_min(x, axis=axis, keepdims=keepdims)
+
+
+register_op("", "ReduceMax")(_reduce(_reduce_max, 18))
+
+
+def _sum_square(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    return tf.math.reduce_sum(tf.math.square(x), axis=axis, keepdims=keepdims)
+
+
+def _l1(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    return tf.math.reduce_sum(tf.math.abs(x), axis=axis, keepdims=keepdims)
+
+
+def _l2(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    return tf.math.sqrt(_sum_square(x, axis, keepdims))
+
+
+def _log_sum(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    return tf.math.log(tf.math.reduce_sum(x, axis=axis, keepdims=keepdims))
+
+
+def _log_sum_exp(x: Tensor, axis: Any, keepdims: bool) -> Tensor:
+    return tf.math.reduce_logsumexp(x, axis=axis, keepdims=keepdims)
+
+
+for _op, _reducer in {
+    "ReduceMin": _reduce_min, "ReduceProd": tf.math.reduce_prod,
+    "ReduceSumSquare": _sum_square, "ReduceL1": _l1, "ReduceL2": _l2,
+    "ReduceLogSum": _log_sum, "ReduceLogSumExp": _log_sum_exp,
+}.items():
+    register_op("", _op)(_reduce(_reducer, 18))
 
 
 # ------------------------------------------------------------------- ai.onnx.ml ops
@@ -546,8 +846,12 @@ def _validate(model: onnx.ModelProto) -> dict[str, int]:
         raise UnsupportedModel(f"external data is not supported: {sorted(external)}")
     if len(graph.sparse_initializer):
         raise UnsupportedModel("sparse initializers are not supported")
-    # (3) every operator in the table, all unsupported ones listed at once
+    # (3) every operator in the table, all unsupported ones listed at once; control flow
+    #     gets the way out (an exporter setting), not only a refusal
     unsupported = {(_domain(n.domain), n.op_type) for n in graph.node} - set(_OPS)
+    flow = sorted(op for d, op in unsupported if not d and op in _CONTROL_FLOW)
+    if flow:
+        raise UnsupportedOperators(unsupported, hint=_CONTROL_FLOW_HINT.format(", ".join(flow)))
     if unsupported:
         raise UnsupportedOperators(unsupported)
     # (4) no subgraphs (If, Loop, Scan) or graph-valued attributes on any node
@@ -572,6 +876,29 @@ def _validate(model: onnx.ModelProto) -> dict[str, int]:
         if not value.type.HasField("tensor_type"):
             raise UnsupportedModel(f"input {value.name!r} is not a tensor")
     return opsets
+
+
+_CONTROL_FLOW = frozenset({"Loop", "If", "Scan", "SequenceMap"})
+_CONTROL_FLOW_HINT = (
+    "{} runs a subgraph, which the executor does not train; export without control flow: "
+    "a fixed sequence length (pad or truncate to max_len), recurrent layers exported as the "
+    "ONNX LSTM/GRU operators (Keras: no mask, i.e. no mask_zero=True and no Masking layer, "
+    "so that tf2onnx writes LSTM/GRU instead of a Loop; PyTorch: nn.LSTM/nn.GRU, no Python "
+    "loop over time steps, no data-dependent if), or a Python loop unrolled at export")
+
+
+def _check_nodes(steps: Sequence[_Step]) -> None:
+    """(8) every operator's own refusals (attributes, outputs), all listed at once."""
+    problems: list[tuple[str, str, str, str]] = []
+    for step in steps:
+        if step.spec.check is not None:
+            reason = step.spec.check(step.ctx)
+            if reason:
+                node = step.ctx.node
+                problems.append((_domain(node.domain), node.op_type,
+                                 node.name or node.op_type, reason))
+    if problems:
+        raise UnsupportedOperator(problems)
 
 
 def _resolve_trainable(
@@ -685,6 +1012,7 @@ class OnnxExecutor:
                 constants[node.output[0]] = _constant_value(node, attrs)
             ctx = NodeContext(node, opsets[_domain(node.domain)], attrs, constants, weights)
             steps.append(_Step(spec, ctx))
+        _check_nodes(steps)
         return cls(proto, steps, tensors, variables, parameters)
 
     # ----------------------------------------------------------------- introspection
@@ -791,3 +1119,7 @@ def _constant_value(node: onnx.NodeProto, attrs: Mapping[str, Any]) -> npt.NDArr
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
     raise UnsupportedModel(f"Constant node {node.name!r}: unsupported value {sorted(attrs)}")
+
+
+# The table's other sections register themselves on import (they use register_op above).
+from adapters import onnx_layers, onnx_recurrent  # noqa: E402, F401
