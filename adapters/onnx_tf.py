@@ -11,10 +11,14 @@ variables back into a copy of the same graph: same tensor names, dtypes and shap
 every other byte unchanged.
 
 Weights
-    A *weight* is a float initializer (float16/32/64) or a float-list attribute that an
-    operator declares as a weight (``LinearClassifier``'s ``coefficients`` and
-    ``intercepts``, named ``"<node name>.<attribute>"``). Integer and bool initializers
-    (axes, shapes, mask values) are constants and never train.
+    A *weight* is a float initializer (float16/32/64) of rank 1 or more, or a float-list
+    attribute that an operator declares as a weight (``LinearClassifier``'s
+    ``coefficients`` and ``intercepts``, named ``"<node name>.<attribute>"``). Integer
+    and bool initializers (axes, shapes, mask values) and float scalars (rank 0: the
+    constants tf2onnx folds into initializers, such as gelu's 0.5 and 1/sqrt(2), an
+    epsilon, the fill value of ``ones``/``zeros``) are constants and never train; so is
+    a float initializer that only ``Shape``/``Size`` nodes read (tf2onnx leaves such
+    copies of a kernel behind after folding the kernel into a ``Gemm``).
 
 Groups ("layers")
     Every weight belongs to the group of the first node that consumes it: the node's
@@ -43,11 +47,25 @@ Per-example gradients
 Caveat for tf2onnx graphs: a Keras bias that is exactly zero at export is folded away
 (no ``Add`` node, no initializer), so it cannot train afterwards.
 
+The table
+    Elementwise, shape, indexing and reduction operators live here; convolution,
+    pooling, padding and normalisation in :mod:`adapters.onnx_layers`; GRU and LSTM in
+    :mod:`adapters.onnx_recurrent` (both register into this table on import). Each
+    operator is validated against the ONNX backend node tests shipped in the onnx
+    package (``scripts/onnx_node_tests.py`` prints the counts per operator) and, where
+    those tests miss cases vendors' exporters write, against onnxruntime.
+
 What is refused (``UnsupportedModel``, a ``BadInput``), before ``onnx.checker`` runs:
 model-local functions (onnx 1.17's checker can overflow its stack on cyclic ones),
 external data, subgraph attributes, a default-domain opset outside
 ``SUPPORTED_OPSETS``, and operators outside the table (``UnsupportedOperators``,
-listing them all at once).
+listing them all at once; ``Loop``, ``If`` and ``Scan`` with the way to export without
+them: a fixed sequence length, recurrent layers as the ONNX LSTM/GRU operators). When
+the executor is built, each operator's ``check`` refuses the attribute values, inputs
+and outputs it does not claim (``UnsupportedOperator``, every node listed with its
+reason): ``MaxPool``'s ``Indices``, training-mode ``BatchNormalization`` and
+``Dropout``, recurrent activations other than Sigmoid/Tanh/Relu/Softsign, casts to
+strings or bfloat16, ...
 """
 
 from __future__ import annotations
@@ -790,22 +808,28 @@ def _scope(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
 
 
+_SHAPE_READERS = frozenset({"Shape", "Size"})  # read a tensor's shape, never its values
+
+
 def _weight_sources(
     model: onnx.ModelProto,
 ) -> dict[str, tuple[str, tuple[str, ...], Literal["initializer", "attribute"]]]:
     """Float weight name -> (group, consumer node names, location), in graph order."""
     consumers: dict[str, list[str]] = {}
+    valued: set[str] = set()  # tensors some node reads for their values, not only their shape
     attribute_weights: dict[str, tuple[str, tuple[str, ...], Literal["attribute"]]] = {}
     for name, node in zip(_node_names(model.graph), model.graph.node, strict=True):
         for inp in node.input:
             consumers.setdefault(inp, []).append(name)
+            if node.op_type not in _SHAPE_READERS or _domain(node.domain):
+                valued.add(inp)
         spec = _OPS.get((_domain(node.domain), node.op_type))
         for attr in node.attribute:
             if spec is not None and attr.name in spec.weights:
                 attribute_weights[f"{name}.{attr.name}"] = (_scope(name), (name,), "attribute")
     out: dict[str, tuple[str, tuple[str, ...], Literal["initializer", "attribute"]]] = {}
-    for t in model.graph.initializer:
-        if t.data_type in _FLOAT_TYPES and t.name in consumers:
+    for t in model.graph.initializer:  # (a float scalar is arithmetic, not a weight)
+        if t.data_type in _FLOAT_TYPES and t.name in valued and len(t.dims):
             users = tuple(dict.fromkeys(consumers[t.name]))
             out[t.name] = (_scope(users[0]), users, "initializer")
     out.update(attribute_weights)

@@ -546,6 +546,8 @@ _CONV_CASES = [
        auto_pad="SAME_LOWER", strides=[3]),
     _c("Conv-2d", "Conv", "x w b", {"x": X2D}, {"w": _w(3, 4, 3, 2), "b": _w(3)},
        pads=[1, 0, 1, 1], strides=[2, 1], dilations=[1, 2]),
+    _c("Conv-3d-group", "Conv", "x w b", {"x": _rng.normal(size=(1, 4, 5, 4, 6)).astype("f")},
+       {"w": _w(4, 2, 2, 3, 2), "b": _w(4)}, group=2, pads=[1, 0, 1, 0, 1, 1], strides=[1, 2, 2]),
     _c("MaxPool-1d", "MaxPool", "x", {"x": X1D}, kernel_shape=[3], strides=[2], pads=[1, 1]),
     _c("MaxPool-1d-ceil", "MaxPool", "x", {"x": X1D}, kernel_shape=[2], strides=[3],
        ceil_mode=1),
