@@ -756,3 +756,24 @@ def test_recurrent_gradients_reach_every_weight_in_graph_mode() -> None:
 
     grads = tf.function(gradients)(XS)
     assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("case_id", ["GRU-bidirectional-lengths-initial",
+                                     "LSTM-bidirectional-lengths-initial-peepholes"])
+def test_recurrent_ops_run_when_the_sequence_length_is_unknown(case_id: str) -> None:
+    """A time dimension unknown when the graph is traced runs the steps in tf.scan: same
+    outputs (and gradients) as the unrolled steps."""
+    case = next(c for c in CASES if c.id == case_id)
+    executor = OnnxExecutor.from_model(_single_op_model(case))
+    names = [n for n, _ in case.outputs]
+
+    def run(x: Any) -> Any:
+        with tf.GradientTape() as tape:
+            out = executor({"x": x})
+            loss = tf.add_n([tf.reduce_sum(out[n] ** 2) for n in names])
+        return [out[n] for n in names], tape.gradient(loss, executor.trainable_variables)
+
+    unrolled = run(tf.constant(XS))
+    scanned = tf.function(run, input_signature=[tf.TensorSpec([None, None, DIN])])(XS)
+    for mine, ref in zip([*scanned[0], *scanned[1]], [*unrolled[0], *unrolled[1]], strict=True):
+        np.testing.assert_allclose(mine.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)

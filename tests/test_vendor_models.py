@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import tensorflow as tf
 
+from adapters.errors import UnsupportedOperators
 from adapters.onnx_tf import OnnxExecutor
 from tests.vendor_models import MAX_LEN, NAMES, VendorModel, vendor_model
 
@@ -125,3 +126,18 @@ def test_vendor_model_per_example_gradients_under_vectorized_map_match_a_loop(
         looped = one((tf.constant(x[i]), tf.constant(y[i])))
         for v, g, ref in zip(variables, vectorized, looped, strict=True):
             assert _max_diff(g[i].numpy(), ref.numpy()) <= 1e-5, v.name
+
+
+@pytest.mark.slow
+def test_masked_keras_lstm_is_refused_with_the_way_to_export_it() -> None:
+    """mask_zero=True makes tf2onnx write a Loop: refused before anything trains, and the
+    message says how to export the model so that it can be fine-tuned."""
+    from adapters.onnx_export import keras_to_onnx
+    from tests.vendor_models import keras_masked_bilstm
+
+    proto = keras_to_onnx(keras_masked_bilstm(), MAX_LEN)
+    assert "Loop" in {n.op_type for n in proto.graph.node}
+    with pytest.raises(UnsupportedOperators) as info:
+        OnnxExecutor.from_model(proto)
+    assert info.value.operators == (("", "Loop"),)
+    assert "mask_zero=True" in str(info.value) and "LSTM/GRU" in str(info.value)

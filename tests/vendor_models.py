@@ -9,7 +9,9 @@ Keras models (token ids in, logits out), converted with the project's tf2onnx ex
   (MultiHeadAttention, residuals, LayerNormalization, a gelu feed-forward), average
   pooling, Dense;
 - :func:`keras_bigru` and :func:`keras_bilstm`: an unmasked Bidirectional GRU (last
-  state) or LSTM (every step, max-pooled), Dense.
+  state) or LSTM (every step, max-pooled), Dense;
+- :func:`keras_masked_bilstm`: the same behind ``mask_zero=True``, which tf2onnx writes
+  as a ``Loop``: the executor refuses it (not in :data:`NAMES`).
 
 ONNX graphs written with ``onnx.helper`` the way ``torch.onnx.export`` (opset 17) writes a
 small PyTorch text classifier (PyTorch is not a dependency): parameters named after the
@@ -146,6 +148,18 @@ def keras_bilstm() -> Any:
     h = layers.GlobalMaxPooling1D(name="global_max")(h)
     model = keras.Model(ids, layers.Dense(CLASSES, name="logits")(h), name="vendor_bilstm")
     _randomise(model, 14)
+    return model
+
+
+def keras_masked_bilstm() -> Any:
+    """A BiLSTM behind ``mask_zero=True``: tf2onnx writes it as a Loop (refused)."""
+    keras = _keras()
+    layers = keras.layers
+    ids = keras.Input((MAX_LEN,), dtype="int32", name="token_ids")
+    h = layers.Embedding(VOCAB, EMBED, mask_zero=True, name="embedding")(ids)
+    h = layers.Bidirectional(layers.LSTM(5), name="bilstm")(h)
+    model = keras.Model(ids, layers.Dense(CLASSES, name="logits")(h), name="vendor_masked")
+    _randomise(model, 15)
     return model
 
 
