@@ -28,7 +28,10 @@ Groups ("layers")
     ``pmsi_coder/hidden/BiasAdd/ReadVariableOp:0`` are consumed by the nodes
     ``pmsi_coder/hidden/MatMul`` and ``pmsi_coder/hidden/BiasAdd``: group
     ``pmsi_coder/hidden``. A selection may name a weight, a group, or a group's last
-    component (``hidden``) when no other group ends the same way. For skl2onnx graphs,
+    component (``hidden``) when no other group ends the same way. A node tf2onnx wrote
+    itself has no scope (``Gemm__150``, ``GRU__577``): its weights join the group of the
+    nearest scoped node its outputs flow into (a folded attention kernel joins
+    ``.../attention/query``). For skl2onnx graphs,
     whose node names have no scope, the group is the node (``LinearClassifier``,
     ``MatMul1``). A node without a name, or whose name another node shares, is called
     ``<name or op_type>_<index>``. See :func:`parameter_groups`.
@@ -805,7 +808,45 @@ def _node_names(graph: onnx.GraphProto) -> list[str]:
 
 
 def _scope(node_name: str) -> str:
-    return node_name.rsplit("/", 1)[0] if "/" in node_name else node_name
+    if "/" not in node_name:
+        return node_name
+    scope = node_name.rsplit("/", 1)[0]
+    while "/" in scope and scope.rsplit("/", 1)[1] in _TF_INNER_SCOPES:
+        scope = scope.rsplit("/", 1)[0]
+    return scope
+
+
+# name scopes TensorFlow opens inside a Keras layer (Dense on 3-D input, LayerNormalization,
+# a recurrent layer's function): their weights belong to the layer
+_TF_INNER_SCOPES = frozenset({"Tensordot", "batchnorm", "PartitionedCall"})
+
+
+def _downstream_scopes(graph: onnx.GraphProto, names: Sequence[str]) -> dict[str, str]:
+    """For a node without a scope (tf2onnx names the nodes it writes itself ``Gemm__150``,
+    ``GRU__577``): the scope of the nearest scoped node its outputs flow into (the
+    ``.../attention/query/add`` that follows a folded query kernel), if any."""
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for inp in node.input:
+            readers.setdefault(inp, []).append(i)
+    out: dict[str, str] = {}
+    for start, name in enumerate(names):
+        if "/" in name:
+            continue
+        frontier, seen = [start], {start}
+        for _ in range(_SCOPE_SEARCH_DEPTH):
+            following = sorted({j for i in frontier for o in graph.node[i].output
+                                for j in readers.get(o, []) if j not in seen})
+            scoped = [names[j] for j in following if "/" in names[j]]
+            if scoped:
+                out[name] = _scope(scoped[0])
+                break
+            seen.update(following)
+            frontier = following
+    return out
+
+
+_SCOPE_SEARCH_DEPTH = 4
 
 
 _SHAPE_READERS = frozenset({"Shape", "Size"})  # read a tensor's shape, never its values
@@ -815,10 +856,13 @@ def _weight_sources(
     model: onnx.ModelProto,
 ) -> dict[str, tuple[str, tuple[str, ...], Literal["initializer", "attribute"]]]:
     """Float weight name -> (group, consumer node names, location), in graph order."""
+    names = _node_names(model.graph)
+    downstream = _downstream_scopes(model.graph, names)
+    ops = {name: node.op_type for name, node in zip(names, model.graph.node, strict=True)}
     consumers: dict[str, list[str]] = {}
     valued: set[str] = set()  # tensors some node reads for their values, not only their shape
     attribute_weights: dict[str, tuple[str, tuple[str, ...], Literal["attribute"]]] = {}
-    for name, node in zip(_node_names(model.graph), model.graph.node, strict=True):
+    for name, node in zip(names, model.graph.node, strict=True):
         for inp in node.input:
             consumers.setdefault(inp, []).append(name)
             if node.op_type not in _SHAPE_READERS or _domain(node.domain):
@@ -831,7 +875,8 @@ def _weight_sources(
     for t in model.graph.initializer:  # (a float scalar is arithmetic, not a weight)
         if t.data_type in _FLOAT_TYPES and t.name in valued and len(t.dims):
             users = tuple(dict.fromkeys(consumers[t.name]))
-            out[t.name] = (_scope(users[0]), users, "initializer")
+            first = next(u for u in users if ops[u] not in _SHAPE_READERS)
+            out[t.name] = (downstream.get(first, _scope(first)), users, "initializer")
     out.update(attribute_weights)
     return out
 

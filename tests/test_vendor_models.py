@@ -141,3 +141,24 @@ def test_masked_keras_lstm_is_refused_with_the_way_to_export_it() -> None:
         OnnxExecutor.from_model(proto)
     assert info.value.operators == (("", "Loop"),)
     assert "mask_zero=True" in str(info.value) and "LSTM/GRU" in str(info.value)
+
+
+GROUPS = {
+    "keras-conv1d": {"conv_causal", "conv_same", "conv_valid", "embedding", "logits"},
+    "keras-transformer": {"attention_output", "key", "query", "value", "ffn_in", "ffn_out",
+                          "logits", "norm_1", "norm_2", "token_embedding",
+                          "tf.__operators__.add"},  # the position embedding, folded
+    "keras-bigru": {"forward_gru", "embedding", "logits"},  # one ONNX GRU, both directions
+    "keras-bilstm": {"bilstm", "embedding", "logits"},
+    "torch-conv": {"conv", "embedding", "fc"},
+    "torch-lstm": {"lstm", "embedding", "fc"},
+}
+
+
+def test_vendor_model_weights_are_grouped_by_the_layer_that_made_them(
+        vendor: VendorModel) -> None:
+    """--trainable names layers: tf2onnx's own nodes (Gemm__150, GRU__577) and TensorFlow's
+    inner scopes (Tensordot, batchnorm) must not hide the Keras layer; a weight read only
+    by Shape is no weight."""
+    groups = OnnxExecutor.from_model(vendor.proto).groups()
+    assert {g.rsplit("/", 1)[-1] for g in groups} == GROUPS[vendor.name]
