@@ -302,3 +302,18 @@ def _normalizer(ctx: NodeContext, x: Tensor) -> Tensor:
     safe = tf.where(tf.equal(scale, 0), tf.ones_like(scale), scale)
     out = x / safe
     return out[tf.newaxis] if x.shape.rank == 1 else out
+
+
+@register_op(ML_DOMAIN, "Scaler")
+def _scaler(ctx: NodeContext, x: Tensor) -> Tensor:
+    """``(x - offset) * scale`` per feature (one value: every feature), float output. The
+    offsets and scales are the preprocessing's constants (StandardScaler's mean and
+    1/std), not weights: fine-tuning leaves them as they are."""
+    x = tf.cast(x, tf.float32) if x.dtype != tf.float64 else x
+    offset = ctx.attr("offset")
+    scale = ctx.attr("scale")
+    if offset is not None and len(offset):
+        x = x - tf.constant(np.asarray(offset), x.dtype)
+    if scale is not None and len(scale):
+        x = x * tf.constant(np.asarray(scale), x.dtype)
+    return x[tf.newaxis] if x.shape.rank == 1 else x

@@ -629,6 +629,10 @@ CASES = [
        {"i": _i64(2, 0, 2)}, {"c": _i64(10, 20, 30, 40)}, out=I64, domain="ai.onnx.ml"),
     *(_c(f"Normalizer-{norm}", "Normalizer", "a", {"a": np.vstack([X54, np.zeros((1, 4), "f")])},
          domain="ai.onnx.ml", norm=norm) for norm in ("MAX", "L1", "L2")),
+    _c("Scaler", "Scaler", "a", {"a": X54}, domain="ai.onnx.ml",
+       offset=[0.5, -1.0, 0.0, 2.0], scale=[2.0, 0.5, 1.0, -1.0]),
+    _c("Scaler-one-value", "Scaler", "a", {"a": X54}, domain="ai.onnx.ml", offset=[0.5],
+       scale=[3.0]),
     *_RECURRENT_CASES,
     *_CONV_CASES,
 ]
