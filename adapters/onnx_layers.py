@@ -11,8 +11,8 @@ group). Pooling (``MaxPool``, ``AveragePool``) is computed window offset by wind
 with strided slices of the padded input, so that strides, dilations, ``ceil_mode`` and
 ``count_include_pad`` all follow ONNX exactly; ``MaxPool``'s ``Indices`` output is
 refused. ``BatchNormalization`` runs in inference mode only (``training_mode=1`` is
-refused): its running mean and variance are float initializers and therefore weights,
-like any other (freeze them with the ``trainable`` selection when they must stay).
+refused); its scale and bias train, its running mean and variance are constants (a
+gradient step could make a variance negative).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def _check_batch_norm(ctx: NodeContext) -> str | None:
     return None
 
 
-@register_op("", "BatchNormalization", check=_check_batch_norm)
+@register_op("", "BatchNormalization", check=_check_batch_norm, statistics=(3, 4))
 def _batch_normalization(ctx: NodeContext, x: Tensor, scale: Tensor, bias: Tensor,
                          mean: Tensor, var: Tensor) -> Tensor:
     shape = [1, -1] + [1] * (int(x.shape.rank) - 2)

@@ -18,7 +18,8 @@ Weights
     constants tf2onnx folds into initializers, such as gelu's 0.5 and 1/sqrt(2), an
     epsilon, the fill value of ``ones``/``zeros``) are constants and never train; so is
     a float initializer that only ``Shape``/``Size`` nodes read (tf2onnx leaves such
-    copies of a kernel behind after folding the kernel into a ``Gemm``).
+    copies of a kernel behind after folding the kernel into a ``Gemm``), and running
+    statistics (``BatchNormalization``'s mean and variance: see ``register_op``).
 
 Groups ("layers")
     Every weight belongs to the group of the first node that consumes it: the node's
@@ -138,13 +139,15 @@ class OpSpec:
     function: OpFunction
     weights: tuple[str, ...] = ()  # float-list attributes that hold weights
     check: OpCheck | None = None  # run on every node when the executor is built
+    statistics: tuple[int, ...] = ()  # input positions holding statistics, never weights
 
 
 _OPS: dict[tuple[str, str], OpSpec] = {}
 
 
 def register_op(domain: str, op_type: str, *, weights: Sequence[str] = (),
-                check: OpCheck | None = None) -> Callable[[F], F]:
+                check: OpCheck | None = None,
+                statistics: Sequence[int] = ()) -> Callable[[F], F]:
     """Register ``function(ctx, *inputs)`` as the implementation of ``domain::op_type``.
 
     The function receives a :class:`NodeContext` and the node's inputs (``None`` for an
@@ -154,13 +157,17 @@ def register_op(domain: str, op_type: str, *, weights: Sequence[str] = (),
     of the operator when the executor is built, returns the reason why this use of the
     operator (an attribute value, an output) is refused, or ``None``: all refusals of a
     graph are raised together as :class:`~adapters.errors.UnsupportedOperator`.
+    ``statistics`` lists input positions that hold statistics of the training data
+    (BatchNormalization's running mean and variance): an initializer read there is a
+    constant, not a weight (a gradient step could make a variance negative).
     """
 
     def decorate(function: F) -> F:
         key = (_domain(domain), op_type)
         if key in _OPS:
             raise ValueError(f"operator {key} registered twice")
-        _OPS[key] = OpSpec(key[0], op_type, function, tuple(weights), check)
+        _OPS[key] = OpSpec(key[0], op_type, function, tuple(weights), check,
+                           tuple(statistics))
         return function
 
     return decorate
@@ -863,11 +870,12 @@ def _weight_sources(
     valued: set[str] = set()  # tensors some node reads for their values, not only their shape
     attribute_weights: dict[str, tuple[str, tuple[str, ...], Literal["attribute"]]] = {}
     for name, node in zip(names, model.graph.node, strict=True):
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(name)
-            if node.op_type not in _SHAPE_READERS or _domain(node.domain):
-                valued.add(inp)
         spec = _OPS.get((_domain(node.domain), node.op_type))
+        for position, inp in enumerate(node.input):
+            consumers.setdefault(inp, []).append(name)
+            shape_only = node.op_type in _SHAPE_READERS and not _domain(node.domain)
+            if not shape_only and not (spec is not None and position in spec.statistics):
+                valued.add(inp)
         for attr in node.attribute:
             if spec is not None and attr.name in spec.weights:
                 attribute_weights[f"{name}.{attr.name}"] = (_scope(name), (name,), "attribute")
@@ -875,7 +883,7 @@ def _weight_sources(
     for t in model.graph.initializer:  # (a float scalar is arithmetic, not a weight)
         if t.data_type in _FLOAT_TYPES and t.name in valued and len(t.dims):
             users = tuple(dict.fromkeys(consumers[t.name]))
-            first = next(u for u in users if ops[u] not in _SHAPE_READERS)
+            first = next(u for u in users if ops[u] not in _SHAPE_READERS)  # one exists
             out[t.name] = (downstream.get(first, _scope(first)), users, "initializer")
     out.update(attribute_weights)
     return out

@@ -781,3 +781,30 @@ def test_recurrent_ops_run_when_the_sequence_length_is_unknown(case_id: str) -> 
     scanned = tf.function(run, input_signature=[tf.TensorSpec([None, None, DIN])])(XS)
     for mine, ref in zip([*scanned[0], *scanned[1]], [*unrolled[0], *unrolled[1]], strict=True):
         np.testing.assert_allclose(mine.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_normalization_statistics_never_train() -> None:
+    """Running mean and variance are constants: only scale and bias are weights, and a
+    training step cannot make a variance negative."""
+    c = 4
+    inits = {"scale": _w(c), "bias": _w(c), "mean": _w(c),
+             "var": _rng.uniform(0.5, 1.0, size=c).astype(np.float32)}
+    case = _c("BatchNormalization-weights", "BatchNormalization", "x scale bias mean var",
+              {"x": X2D}, inits, epsilon=1e-3)
+    model = _single_op_model(case)
+    executor = OnnxExecutor.from_model(model)
+    assert [p.name for p in executor.parameters] == ["scale", "bias"]
+    with pytest.raises(UnknownParameter):
+        OnnxExecutor.from_model(model, trainable=["var"])
+    optimizer = tf.keras.optimizers.SGD(0.01)
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(executor({"x": X2D})["y"] ** 2)
+        grads = tape.gradient(loss, executor.trainable_variables)
+        optimizer.apply_gradients(zip(grads, executor.trainable_variables, strict=True))
+    written = {t.name: numpy_helper.to_array(t) for t in executor.to_model().graph.initializer}
+    np.testing.assert_array_equal(written["var"], inits["var"])
+    np.testing.assert_array_equal(written["mean"], inits["mean"])
+    assert not np.array_equal(written["scale"], inits["scale"])
+    np.testing.assert_allclose(executor({"x": X2D})["y"].numpy(),
+                               _ort(executor.to_model(), {"x": X2D})["y"], rtol=1e-5, atol=1e-5)
