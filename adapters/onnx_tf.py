@@ -566,12 +566,12 @@ def _slice(ctx: NodeContext, x: Tensor, starts: Tensor, ends: Tensor,
 def _expand(ctx: NodeContext, x: Tensor, shape: Tensor) -> Tensor:
     """Two-way broadcast of ``x`` with ``shape`` (a 1 in ``shape`` keeps ``x``'s size)."""
     known = ctx.known(1, shape)
-    target: Any = (tf.constant(_ints(known), tf.int64) if known is not None
-                   else tf.cast(shape, tf.int64))
-    full = tf.broadcast_dynamic_shape(tf.shape(x, out_type=tf.int64), target)
-    if known is not None and x.shape.is_fully_defined():
-        full = np.broadcast_shapes(tuple(x.shape.as_list()), tuple(_ints(known)))
-    return tf.broadcast_to(x, full)
+    if known is not None and x.shape.is_fully_defined():  # static: shapes stay known
+        return tf.broadcast_to(x, np.broadcast_shapes(tuple(x.shape.as_list()),
+                                                      tuple(_ints(known))))
+    target = tf.cast(shape, tf.int64) if known is None else tf.constant(_ints(known), tf.int64)
+    return tf.broadcast_to(x, tf.broadcast_dynamic_shape(tf.shape(x, out_type=tf.int64),
+                                                         target))
 
 
 @register_op("", "Tile")
