@@ -91,7 +91,51 @@ def _conv(ctx: NodeContext, x: Tensor, w: Tensor, b: Tensor | None = None) -> Te
     strides = _list(ctx, "strides", n, 1)
     dilations = _list(ctx, "dilations", n, 1)
     group = int(ctx.attr("group", 1))
-    pads = _pads(ctx, _sizes(x), kernel, strides, dilations)
+    sizes = _sizes(x)
+    pads = _pads(ctx, sizes, kernel, strides, dilations)
+    if all(isinstance(v, int) for v in sizes):
+        y = _conv_by_patches(x, w, kernel, strides, dilations, group, sizes, pads)
+    else:
+        y = _conv_by_tf(x, w, strides, dilations, group, pads)
+    if b is not None:
+        y = y + tf.reshape(b, [1, -1] + [1] * n)
+    return y
+
+
+def _conv_by_patches(x: Tensor, w: Tensor, kernel: list[int], strides: list[int],
+                     dilations: list[int], group: int, sizes: list[int],
+                     pads: list[tuple[Any, Any]]) -> Tensor:
+    """Convolution as one matrix product over the kernel's shifted windows (im2col).
+
+    Sizes known when the graph is built (text models have a fixed length). Unlike
+    ``tf.nn.convolution``, whose filter gradient ``tf.vectorized_map`` can only run as a
+    loop, its per-example gradients vectorise: DP-SGD's per-stay gradients stay cheap.
+    """
+    n = len(kernel)
+    padded = tf.pad(x, [[0, 0], [0, 0], *[[int(a), int(z)] for a, z in pads]])
+    outs = [(size + int(a) + int(z) - ((k - 1) * d + 1)) // s + 1
+            for size, k, s, d, (a, z) in zip(sizes, kernel, strides, dilations, pads,
+                                              strict=True)]
+    windows = _windows(padded, kernel, strides, dilations, outs)  # K x [N, C, out...]
+    patches = tf.stack(windows, axis=2)  # N, C, K, out...
+    channels, positions = int(x.shape[1]), int(np.prod(outs))
+    batch = tf.shape(x)[0]
+    patches = tf.reshape(patches, tf.stack([batch, channels * len(windows), positions]))
+    m = int(w.shape[0])
+    per_group, out_group = channels // group, m // group
+    ys = []
+    for g in range(group):
+        cols = patches[:, g * per_group * len(windows):(g + 1) * per_group * len(windows)]
+        wg = tf.reshape(w[g * out_group:(g + 1) * out_group], [out_group, -1])  # M/g, C/g*K
+        ys.append(tf.linalg.matmul(wg, cols))  # N, M/g, positions
+    y = tf.concat(ys, axis=1) if group > 1 else ys[0]
+    return tf.reshape(y, tf.stack([batch, m, *outs])) if n else y
+
+
+def _conv_by_tf(x: Tensor, w: Tensor, strides: list[int], dilations: list[int], group: int,
+                pads: list[tuple[Any, Any]]) -> Tensor:
+    """``tf.nn.convolution`` (channels last) when a spatial size is only known at run time."""
+    n = len(strides)
     last = [0, *range(2, n + 2), 1]  # NC... -> N...C
     xt = tf.pad(tf.transpose(x, last), [[0, 0], *[list(p) for p in pads], [0, 0]])
     wt = tf.transpose(w, [*range(2, n + 2), 1, 0])  # M, C/g, k... -> k..., C/g, M
@@ -105,10 +149,20 @@ def _conv(ctx: NodeContext, x: Tensor, w: Tensor, b: Tensor | None = None) -> Te
     y = tf.concat(ys, axis=-1) if group > 1 else ys[0]
     if both:
         y = y[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
-    y = tf.transpose(y, [0, n + 1, *range(1, n + 1)])
-    if b is not None:
-        y = y + tf.reshape(b, [1, -1] + [1] * n)
-    return y
+    return tf.transpose(y, [0, n + 1, *range(1, n + 1)])
+
+
+def _windows(padded: Tensor, kernel: list[int], strides: list[int], dilations: list[int],
+             outs: list[int]) -> list[Tensor]:
+    """One strided slice of ``padded`` (N, C, spatial...) per kernel offset, in the
+    row-major order of the kernel's cells: each is (N, C, out...)."""
+    windows = []
+    for offsets in itertools.product(*[range(k) for k in kernel]):
+        index = [slice(None), slice(None)]
+        for o, d, s, out in zip(offsets, dilations, strides, outs, strict=True):
+            index.append(slice(o * d, o * d + (out - 1) * s + 1, s))
+        windows.append(padded[tuple(index)])
+    return windows
 
 
 # -------------------------------------------------------------------------- pooling
@@ -150,12 +204,7 @@ def _pool(ctx: NodeContext, x: Tensor, kind: str) -> Tensor:
         padded = tf.pad(x, widths, constant_values=tf.cast(low, x.dtype))
     else:
         padded = tf.pad(x, widths)
-    windows = []
-    for offsets in itertools.product(*[range(k) for k in kernel]):
-        index = [slice(None), slice(None)]
-        for o, d, s, out in zip(offsets, dilations, strides, outs, strict=True):
-            index.append(slice(o * d, o * d + (out - 1) * s + 1, s))
-        windows.append(padded[tuple(index)])
+    windows = _windows(padded, kernel, strides, dilations, outs)
     if kind == "max":
         result = windows[0]
         for w in windows[1:]:

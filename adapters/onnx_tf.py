@@ -448,6 +448,8 @@ def _gather(ctx: NodeContext, data: Tensor, indices: Tensor) -> Tensor:
     axis = int(ctx.attr("axis", 0))
     size = tf.shape(data, out_type=indices.dtype)[axis]
     indices = tf.where(indices < 0, indices + size, indices)  # ONNX allows negative indices
+    if isinstance(data, tf.Variable):  # a plain gather, which tf.vectorized_map vectorises
+        data = tf.convert_to_tensor(data)  # (a variable's own gather it only loops over)
     return tf.gather(data, indices, axis=axis)
 
 

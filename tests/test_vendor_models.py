@@ -9,6 +9,7 @@ still runs in onnxruntime with the executor's logits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,15 @@ def _ort_logits(proto: onnx.ModelProto, feeds: Mapping[str, Any]) -> Any:
 
 def _max_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
 
 
 def _trainable(executor: OnnxExecutor) -> list[Any]:
@@ -109,7 +119,9 @@ def test_vendor_model_trains_and_its_written_back_graph_matches_onnxruntime(
 def test_vendor_model_per_example_gradients_under_vectorized_map_match_a_loop(
         vendor: VendorModel) -> None:
     """DP-SGD's per-stay gradients (adapters/dp.py: tf.vectorized_map over the executor, one
-    stay of batch 1 per call) equal the gradients computed one stay at a time."""
+    stay of batch 1 per call) equal the gradients computed one stay at a time, and are
+    vectorised: no operator (an embedding's gather from a variable, a convolution's
+    filter gradient) makes tf.vectorized_map fall back to a loop over the stays."""
     executor = OnnxExecutor.from_model(vendor.proto)
     variables = executor.trainable_variables
     x, y = vendor.train_x[:4], vendor.train_y[:4]
@@ -121,7 +133,14 @@ def test_vendor_model_per_example_gradients_under_vectorized_map_match_a_loop(
         return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
                 for g, v in zip(tape.gradient(loss, variables), variables, strict=True)]
 
-    vectorized = tf.function(lambda a, b: tf.vectorized_map(one, (a, b)))(x, y)
+    loops: list[str] = []  # tf.vectorized_map says so when it falls back to a loop
+    handler = _Collect(loops)
+    tf.get_logger().addHandler(handler)
+    try:
+        vectorized = tf.function(lambda a, b: tf.vectorized_map(one, (a, b)))(x, y)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert [m for m in loops if "while_loop" in m] == []  # vectorised, not a loop per stay
     for i in range(len(x)):
         looped = one((tf.constant(x[i]), tf.constant(y[i])))
         for v, g, ref in zip(variables, vectorized, looped, strict=True):
