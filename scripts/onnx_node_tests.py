@@ -15,8 +15,10 @@ import argparse
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
 
 from rich.console import Console
 from rich.progress import track

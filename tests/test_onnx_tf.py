@@ -2,8 +2,11 @@
 
 Model families: the reference PMSI coder (Keras -> tf2onnx), scikit-learn logistic
 regression (skl2onnx, LinearClassifier), a Keras multilayer perceptron on float input
-(tf2onnx) and a scikit-learn MLPClassifier (skl2onnx). Then refusals, and every
-registered operator on a single-node graph.
+(tf2onnx) and a scikit-learn MLPClassifier (skl2onnx). Then refusals, and operators on
+single-node graphs: every operator the ONNX node tests (tests/test_onnx_node_tests.py) do
+not cover, and the cases they miss (bidirectional, reverse and length-masked GRU/LSTM,
+1-D, grouped and 3-D convolutions, 1-D pooling). Vendors' architectures are in
+tests/test_vendor_models.py.
 """
 
 from __future__ import annotations
