@@ -111,7 +111,6 @@ def _conv_by_patches(x: Tensor, w: Tensor, kernel: list[int], strides: list[int]
     ``tf.nn.convolution``, whose filter gradient ``tf.vectorized_map`` can only run as a
     loop, its per-example gradients vectorise: DP-SGD's per-stay gradients stay cheap.
     """
-    n = len(kernel)
     padded = tf.pad(x, [[0, 0], [0, 0], *[[int(a), int(z)] for a, z in pads]])
     outs = [(size + int(a) + int(z) - ((k - 1) * d + 1)) // s + 1
             for size, k, s, d, (a, z) in zip(sizes, kernel, strides, dilations, pads,
@@ -129,7 +128,7 @@ def _conv_by_patches(x: Tensor, w: Tensor, kernel: list[int], strides: list[int]
         wg = tf.reshape(w[g * out_group:(g + 1) * out_group], [out_group, -1])  # M/g, C/g*K
         ys.append(tf.linalg.matmul(wg, cols))  # N, M/g, positions
     y = tf.concat(ys, axis=1) if group > 1 else ys[0]
-    return tf.reshape(y, tf.stack([batch, m, *outs])) if n else y
+    return tf.reshape(y, tf.stack([batch, m, *outs]))
 
 
 def _conv_by_tf(x: Tensor, w: Tensor, strides: list[int], dilations: list[int], group: int,

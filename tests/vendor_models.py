@@ -25,7 +25,7 @@ rewrote them, nodes named ``/<module>/<Op>``, intermediate tensors
   states are built from the batch size (Shape, Gather, Unsqueeze, Concat,
   ConstantOfShape), Transpose, Reshape, ReduceMax, Gemm.
 
-Every builder is deterministic (seeded) and small (vocabulary 60, 12 tokens, 4 classes),
+Every builder is deterministic (seeded) and small (vocabulary 60, 8 tokens, 4 classes),
 with non-zero weights everywhere (tf2onnx folds away a bias that is exactly zero).
 :func:`vendor_models` gives them all with training and held-out token ids and labels.
 """
@@ -41,7 +41,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-VOCAB, MAX_LEN, CLASSES, EMBED = 60, 12, 4, 8
+VOCAB, MAX_LEN, CLASSES, EMBED = 60, 8, 4, 8
 TORCH_OPSET = 17
 
 
