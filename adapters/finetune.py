@@ -70,6 +70,7 @@ from adapters.dp import (
     train_dp_sgd,
 )
 from adapters.onnx_tf import OnnxExecutor, load_model
+from adapters.randomness import RandomSource, SecureRandom
 from passerelle.corpus import read_corpus
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, ParityError, PasserelleError, Refused
@@ -106,8 +107,9 @@ class FinetuneOptions:
     learning_rate: float = 5e-3
     heldout_fraction: float = 0.2
     drop_unknown_codes: bool = False
-    # Tests only (refused unless PASSERELLE_TESTING=1): seeds sampling, the count's noise
-    # and TensorFlow's Gaussian noise. Reproducible noise can be subtracted, which voids
+    # Tests only (refused unless PASSERELLE_TESTING=1): seeds TensorFlow; sampling and the
+    # Gaussian noise come from the run's ``rng`` (SecureRandom, the OS's CSPRNG, unless a
+    # test passes a seeded one). Reproducible noise can be subtracted, which voids
     # the guarantee: such a run is recorded as seeded (not private). None (production):
     # the operating system's entropy.
     noise_seed: int | None = None
@@ -305,20 +307,21 @@ def _with_count(z: float, eps: Callable[[float], float], target: float) -> float
 
 
 def run_dp_sgd(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
-               learning_rate: float, rng: np.random.Generator,
+               learning_rate: float, rng: RandomSource,
                progress: Progress | None = None, noise_seed: int | None = None) -> DpSgd:
     """Train the executor's trainable weights with DP-SGD (Adam on the noisy gradient).
 
-    ``noise_seed`` None leaves TensorFlow's seeds to the operating system's entropy (the
-    only safe choice outside tests: see FinetuneOptions.noise_seed). Weights that stop
-    being finite (overflow, NaN loss) end the run with :class:`TrainingFailed`."""
+    ``rng`` draws the Poisson sampling and the Gaussian noise (SecureRandom outside
+    tests); ``noise_seed`` only seeds TensorFlow (see FinetuneOptions.noise_seed).
+    Weights that stop being finite (overflow, NaN loss) end the run with
+    :class:`TrainingFailed`."""
     import tensorflow as tf
 
     if noise_seed is not None:
         tf.random.set_seed(noise_seed)
     try:
         sgd = DpSgd(executor, executor.input_names[0], output, plan.clip,
-                    plan.noise_multiplier, tf.keras.optimizers.Adam(learning_rate))
+                    plan.noise_multiplier, tf.keras.optimizers.Adam(learning_rate), rng=rng)
 
         def watched(phase: str, done: int, total: int) -> None:
             _check_finite(sgd, done)
@@ -463,7 +466,7 @@ def _train_and_write(executor: OnnxExecutor, output: str, site: SiteData, plan: 
                      ) -> tuple[FinetuneResult, Path]:
     before = accuracy(logits_of(executor, site.heldout_inputs, output), site.heldout_labels)
     run_dp_sgd(executor, output, site, plan, options.learning_rate,
-               rng or np.random.default_rng(), progress, options.noise_seed)
+               rng if rng is not None else SecureRandom(), progress, options.noise_seed)
     after = accuracy(logits_of(executor, site.heldout_inputs, output), site.heldout_labels)
     out = work / "out"
     out.mkdir()

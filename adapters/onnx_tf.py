@@ -1143,6 +1143,32 @@ class OnnxExecutor:
                     env[name] = value
         return {name: env[name] for name in wanted}
 
+    # ------------------------------------------------------------- per-layer hook
+
+    @property
+    def nodes(self) -> Mapping[str, onnx.NodeProto]:
+        """Every node by its unique name (the names of :attr:`Parameter.consumers`)."""
+        return dict(zip(_node_names(self._model.graph), self._model.graph.node, strict=True))
+
+    def trace(self, inputs: Mapping[str, Any], names: Sequence[str]) -> dict[str, Tensor]:
+        """Run the graph as far as needed for ``names`` (any tensors of the graph: node
+        outputs, inputs, initializers) and return them by name. For per-layer activations
+        and output gradients (DP-SGD's ghost norms); same semantics as calling."""
+        env: dict[str, Tensor] = dict(self._tensors)
+        for name in self.input_names:
+            try:
+                env[name] = tf.convert_to_tensor(inputs[name], dtype=self._input_dtypes[name])
+            except (KeyError, TypeError, ValueError) as e:
+                raise BadInput(f"input {name!r}: {e}") from e
+        for step in self._needed(names):
+            args = [env[n] if n else None for n in step.ctx.node.input]
+            result = step.spec.function(step.ctx, *args)
+            values = result if isinstance(result, tuple) else (result,)
+            for name, value in zip(step.ctx.node.output, values, strict=False):
+                if name:
+                    env[name] = value
+        return {name: env[name] for name in names}
+
     def _needed(self, wanted: Sequence[str]) -> list[_Step]:
         need = set(wanted)
         kept: list[_Step] = []
