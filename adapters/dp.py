@@ -511,7 +511,8 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
     bound: Any = tf.zeros([rows], f64)  # per stay, outside the Gram form: sum of norms
     terms: Any = tf.cast(rows, f64)  # most terms summed into one coordinate
     widest = 16
-    sums: dict[int, Callable[[Any], Any]] = {}
+    sums: dict[int, Callable[[Any], Any]] = {}  # clipped sums from per-stay weights
+    by_unit: set[int] = set()  # ... or, these, from per-unit factors
 
     def add_gram(term: Any, weights: int) -> None:
         nonlocal gram, gram_weights
@@ -581,22 +582,27 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
             ids = tf.concat([tf.reshape(tf.cast(env[u.operand], tf.int64), [rows, -1])
                              for u in uses], 1)
             ids = tf.reshape(tf.where(ids < 0, ids + size, ids), [-1])
-            g = tf.reshape(tf.concat([tf.reshape(tf.cast(g_of[u.output], f64),
-                                                 [rows, -1, dim]) for u in uses], 1),
-                           [-1, dim])
+            g = tf.reshape(tf.concat([tf.reshape(g_of[u.output], [rows, -1, dim])
+                                      for u in uses], 1), [-1, dim])
             stay = tf.repeat(tf.range(rows), tf.size(ids) // rows)
+            # positions whose gradient is exactly zero (masked padding) add nothing
+            kept = tf.where(tf.reduce_any(tf.not_equal(g, 0), axis=1))[:, 0]
+            g = tf.cast(tf.gather(g, kept), f64)
+            ids, stay = tf.gather(ids, kept), tf.gather(stay, kept)
+            # a unit's gradient rows, each summed over that unit's positions only (so a
+            # deterministic function of the unit's data): (unit, row) keys
             keys, index = tf.unique(tf.cast(tf.gather(seg, stay), tf.int64) * size + ids)
             row_sums = tf.math.unsorted_segment_sum(g, index, tf.size(keys))
+            key_unit, key_row = keys // size, keys % size
             sq += tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(row_sums), 1),
-                                               keys // size, n)
-            bound += tf.math.unsorted_segment_sum(tf.norm(g, axis=1), stay, rows)
-            terms = tf.maximum(terms, tf.cast(tf.size(ids), f64))
+                                               key_unit, n)
 
-            def rows_sum(w: Any, g: Any = g, ids: Any = ids, stay: Any = stay,
-                         size: int = size) -> Any:
-                return tf.math.unsorted_segment_sum(g * tf.gather(w, stay)[:, None], ids,
-                                                    size)
+            def rows_sum(factor: Any, row_sums: Any = row_sums, key_unit: Any = key_unit,
+                         key_row: Any = key_row, size: int = size) -> Any:
+                return tf.math.unsorted_segment_sum(
+                    row_sums * tf.gather(factor, key_unit)[:, None], key_row, size)
             sums[i] = rows_sum
+            by_unit.add(i)
     rows64 = tf.cast(rows, f64)
     err_sq: Any = tf.zeros([n], f64)
     if gram is not None:
@@ -614,7 +620,8 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
     s = tf.math.unsorted_segment_sum(bound, seg, n) + bound_units
     factor, norms = _factors(tf, sq, err_sq, (terms + widest) * _ULP * s, s, clip)
     weight = tf.gather(factor, seg)
-    return [sums[i](weight) for i in range(len(variables))], norms, terms
+    return [sums[i](factor if i in by_unit else weight) for i in range(len(variables))], \
+        norms, terms
 
 
 def _pair_biases(plan: Sequence[tuple[_Use, ...]]) -> dict[int, int]:

@@ -14,7 +14,8 @@
    data, same batch size in stays, same optimizer), with the default layers
    (hidden+logits) and with the embedding trained: the DP epoch in the production
    configuration (OS CSPRNG sampling and noise; the clipping path DpSgd chose, named in
-   ``dp_path``), alternated with plain epochs and summarised by the median ratio; the
+   ``dp_path``), alternated with plain epochs and summarised by the median ratio of wall
+   time (``time_ratio``) and of process CPU time (``cpu_time_ratio``); the
    per-example (fallback) path timed beside them; and the peak resident memory of
    each phase above the memory at its start (/proc/self/status sampled every 5 ms).
 
@@ -95,10 +96,13 @@ def peak_memory() -> Iterator[dict[str, float]]:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
+    """Wall seconds and memory; ``mem["cpu_seconds"]`` is the process's CPU time (all
+    threads), steadier than wall time on a shared machine."""
     with peak_memory() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mem["cpu_seconds"] = cpu
     return seconds, mem
 
 
@@ -245,19 +249,21 @@ def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int,
         plain_epoch()  # warm-up: traces the tf.functions of every path
         dp_epoch()
         slow_epoch()
-        plain_s, dp_s, ratios = [], [], []
+        plain_s, dp_s, ratios, cpu_ratios = [], [], [], []
         for _ in range(repeats):
             p_s, plain_mem = timed(plain_epoch)
             d_s, dp_mem = timed(dp_epoch)
             plain_s.append(p_s)
             dp_s.append(d_s)
             ratios.append(d_s / p_s)
+            cpu_ratios.append(dp_mem["cpu_seconds"] / plain_mem["cpu_seconds"])
         slow_s, slow_mem = timed(slow_epoch)
         out["+".join(trainable)] = {
             "dp_path": sgd.path.value, "dp_fallback_reason": sgd.fallback_reason,
             "plain_epoch_seconds": float(np.median(plain_s)),
             "dp_epoch_seconds": float(np.median(dp_s)),
             "time_ratio": float(np.median(ratios)), "time_ratios": ratios,
+            "cpu_time_ratio": float(np.median(cpu_ratios)), "cpu_time_ratios": cpu_ratios,
             "per_example_dp_epoch_seconds": slow_s,
             "per_example_time_ratio": slow_s / float(np.median(plain_s)),
             "plain_memory": plain_mem, "dp_memory": dp_mem, "per_example_memory": slow_mem}
