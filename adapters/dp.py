@@ -371,8 +371,9 @@ class DpSgd:
 
         def fused(sum_fn: Callable[..., Any]) -> Callable[..., Any]:
             def step(x: Any, y: Any, seg: Any, n: Any, noise: Any, size: Any) -> Any:
-                summed, _, terms = sum_fn(x, y, seg, n)
-                return noised(summed, noise, size), terms
+                summed, norms, terms = sum_fn(x, y, seg, n)
+                return noised(summed, noise, size), terms, tf.reduce_all(
+                    tf.math.is_finite(norms))
             return step
 
         # autograph off: the Python control flow here is over the graph's static structure
@@ -441,12 +442,15 @@ class DpSgd:
         noise = tf.constant(self.rng.standard_normal(sum(self._sizes)), tf.float64)
         size = tf.constant(expected_batch_size, tf.float64)
         if n_units > 0 and (self._checked or self.path is ClipPath.PER_EXAMPLE):
-            grads, terms = self._steps[self.path](*self._args(x, y, seg, n_units), noise,
-                                                  size)
+            grads, terms, finite = self._steps[self.path](*self._args(x, y, seg, n_units),
+                                                          noise, size)
             _check_margin(float(terms), n_units)  # before anything is applied
         else:
-            summed, _ = self.clipped_sum(x, y, seg, n_units)
-            grads = self._noised(summed, noise, size)
+            summed, norms = self.clipped_sum(x, y, seg, n_units)
+            grads, finite = self._noised(summed, noise, size), np.all(np.isfinite(norms))
+        if not bool(finite):  # fail closed: a NaN or infinite gradient is not clipped
+            raise BadInput("a gradient is not finite (NaN or infinity): lower "
+                           "--learning-rate or --clip; nothing of this step was applied")
         self._optimizer.apply_gradients(zip(grads, self.variables, strict=True))
 
     def plain_step(self, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:

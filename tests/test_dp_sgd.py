@@ -300,3 +300,19 @@ def test_a_seeded_run_is_reproducible_and_an_os_seeded_one_is_not() -> None:
 
     np.testing.assert_array_equal(run(np.random.default_rng(1)), run(np.random.default_rng(1)))
     assert not np.array_equal(run(SecureRandom()), run(SecureRandom()))
+
+
+@pytest.mark.parametrize("path", [ClipPath.GHOST, ClipPath.PER_EXAMPLE])
+def test_a_non_finite_gradient_stops_the_step_before_anything_is_applied(
+        path: ClipPath) -> None:
+    """NaN compares false with the clip bound, so it would pass through unclipped: the
+    step is refused and the weights are left as they were."""
+    executor = OnnxExecutor.from_model(_dense_graph())
+    sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.1), path=path)
+    x, y, seg = _batch("dense", np.random.default_rng(13))
+    x[4, 0] = np.inf
+    before = [v.numpy().copy() for v in executor.trainable_variables]
+    with pytest.raises(BadInput, match="not finite"):
+        sgd.private_step(x, y, seg, 5, 5.0)
+    for v, b in zip(executor.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
