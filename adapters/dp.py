@@ -512,7 +512,7 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
     gram: Any = None  # sum over weights of the stays' Gram terms (rows x rows), PSD
     gram_weights = 0
     sq: Any = tf.zeros([n], f64)  # squared norms not in Gram form, per unit
-    bound: Any = tf.zeros([rows], f64)  # per stay, outside the Gram form: sum of norms
+    bound: Any = None  # per stay, outside the Gram form: sum of norms
     terms: Any = tf.cast(rows, f64)  # most terms summed into one coordinate
     widest = 16
     sums: dict[int, Callable[[Any], Any]] = {}  # clipped sums from per-stay weights
@@ -531,18 +531,20 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
             continue  # a bias folded into its layer's dense weight
         if kind == "dense":
             lefts, rights = [], []
+            single = len(uses) == 1 and env[uses[0].operand].shape.rank == 2 \
+                and g_of[_grad_name(plan, layers, i, uses[0])].shape.rank == 2
             for u in uses:
                 a, g = env[u.operand], g_of[_grad_name(plan, layers, i, u)]
-                lead = [-1, 1] if a.shape.rank == 2 and g.shape.rank == 2 else [rows, -1]
-                a = tf.reshape(tf.cast(a, f64), [*lead, shape[u.transpose]])
-                g = tf.reshape(tf.cast(g, f64), [*lead, shape[1 - u.transpose]])
+                a, g = tf.cast(a, f64), tf.cast(g, f64)
+                if not single:
+                    a = tf.reshape(a, [rows, -1, shape[u.transpose]])
+                    g = tf.reshape(g, [rows, -1, shape[1 - u.transpose]])
                 a = a * u.scale if u.scale != 1.0 else a
                 lefts.append(g if u.transpose else a)
                 rights.append(a if u.transpose else g)
             left = tf.concat(lefts, 1) if len(lefts) > 1 else lefts[0]
             right = tf.concat(rights, 1) if len(rights) > 1 else rights[0]
-            if left.shape[1] == 1:  # one position per stay: Gram form
-                left, right = left[:, 0], right[:, 0]
+            if single:  # one position per stay: Gram form
                 ll = tf.matmul(left, left, transpose_b=True)
                 rr = tf.matmul(right, right, transpose_b=True)
                 if i in layers:  # [W; b]: the input side gets a constant 1
@@ -564,7 +566,8 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
                 terms = tf.maximum(terms, tf.cast(rows * tf.shape(left)[1], f64))
                 sq += tf.reduce_sum(tf.square(tf.math.unsorted_segment_sum(
                     tf.linalg.matmul(left, right, transpose_a=True), seg, n)), [1, 2])
-                bound += tf.reduce_sum(tf.norm(left, axis=-1) * tf.norm(right, axis=-1), 1)
+                stay_bound = tf.reduce_sum(tf.norm(left, axis=-1) * tf.norm(right, axis=-1), 1)
+                bound = stay_bound if bound is None else bound + stay_bound
 
                 def dense_sum(w: Any, left: Any = left, right: Any = right,
                               shape: list[int] = shape) -> Any:
@@ -621,7 +624,8 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
         bound_units = math.sqrt(gram_weights) * root
     else:
         bound_units = tf.zeros([n], f64)
-    s = tf.math.unsorted_segment_sum(bound, seg, n) + bound_units
+    s = bound_units if bound is None else \
+        tf.math.unsorted_segment_sum(bound, seg, n) + bound_units
     factor, norms = _factors(tf, sq, err_sq, (terms + widest) * _ULP * s, s, clip)
     weight = tf.gather(factor, seg)
     return [sums[i](factor if i in by_unit else weight) for i in range(len(variables))], \
