@@ -353,10 +353,18 @@ class DpSgd:
                                      clip)
             return [tf.tensordot(factor, g, axes=1) for g in per_unit], norms, terms
 
+        readers: dict[str, int] = {}  # how many nodes (or graph outputs) read a tensor
+        for node in executor.nodes.values():
+            for name in set(node.input):
+                readers[name] = readers.get(name, 0) + 1
+        for name in executor.output_names:
+            readers[name] = readers.get(name, 0) + 1
+        pairs = _pair_biases(plan, readers) if plan is not None else {}
+
         def ghost_sum(x: Any, y: Any, seg: Any, n: Any) -> tuple[list[Any], Any, Any]:
             assert plan is not None  # noqa: S101  (only traced when the plan exists)
             return _ghost_clipped_sum(tf, executor, input_name, output_name, variables,
-                                      plan, clip, x, y, seg, n)
+                                      plan, pairs, clip, x, y, seg, n)
 
         def plain(x: Any, y: Any) -> list[Any]:
             with tf.GradientTape() as tape:
@@ -479,7 +487,7 @@ def _factors(tf: Any, sq: Any, err_sq: Any, err_lin: Any, s: Any,
 
 def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str,
                        variables: Sequence[Any], plan: Sequence[tuple[_Use, ...]],
-                       clip: float, x: Any, y: Any, seg: Any,
+                       pairs: dict[int, int], clip: float, x: Any, y: Any, seg: Any,
                        n: Any) -> tuple[list[Any], Any, Any]:
     """Per-unit norms and the clipped sum from one forward and one backward pass.
 
@@ -499,7 +507,7 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
         env = executor.trace({input_name: x}, [output_name, *wanted])
         loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             y, env[output_name]))
-    layers = {w: b for w, b in _pair_biases(plan).items()  # Add(h, b): h not broadcast
+    layers = {w: b for w, b in pairs.items()  # Add(h, b): h not broadcast
               if env[plan[w][0].operand].shape.rank == 2
               and env[plan[b][0].output].shape.rank == 2
               and (not plan[b][0].operand or env[plan[b][0].operand].shape.as_list()
@@ -632,10 +640,11 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
         norms, terms
 
 
-def _pair_biases(plan: Sequence[tuple[_Use, ...]]) -> dict[int, int]:
+def _pair_biases(plan: Sequence[tuple[_Use, ...]], readers: dict[str, int]) -> dict[int, int]:
     """Dense weight index -> bias index, for a weight read once by a MatMul/Gemm whose
-    output the bias (read once, scale 1) is added to: their gradients are one outer
-    product with a constant 1 on the input side, computed together."""
+    output the bias (read once, scale 1) is added to and nothing else reads: their
+    gradients are one outer product with a constant 1 on the input side, computed
+    together from the Add's output gradient."""
     dense = {uses[0].output: i for i, uses in enumerate(plan)
              if len(uses) == 1 and uses[0].kind == "dense" and uses[0].scale == 1.0}
     pairs: dict[int, int] = {}
@@ -644,7 +653,7 @@ def _pair_biases(plan: Sequence[tuple[_Use, ...]]) -> dict[int, int]:
             continue
         u = uses[0]
         w = dense.get(u.operand if u.operand else u.output)  # Add(h, b) or Gemm's C
-        if w is not None and w not in pairs:
+        if w is not None and w not in pairs and (not u.operand or readers.get(u.operand) == 1):
             pairs[w] = i
     return pairs
 

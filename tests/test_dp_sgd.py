@@ -71,6 +71,20 @@ def _tied_graph() -> onnx.ModelProto:
         TensorProto.FLOAT, ["n", 4])
 
 
+def _residual_graph() -> onnx.ModelProto:
+    """A MatMul output read by its bias Add and by a residual Add: the weight's output
+    gradient is not the Add's (the bias cannot be folded into the layer)."""
+    rng = np.random.default_rng(6)
+    return _model([
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="enc/MatMul"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="enc/Add"),
+        helper.make_node("Relu", ["hb"], ["r"], name="enc/Relu"),
+        helper.make_node("Add", ["r", "h"], ["res"], name="res/Add"),
+        helper.make_node("MatMul", ["res", "w2"], ["logits"], name="out/MatMul"),
+    ], [_init(rng, "w1", 4, 4), _init(rng, "b1", 4), _init(rng, "w2", 4, N_CLASSES)],
+        TensorProto.FLOAT, ["n", 4])
+
+
 def _token_graph() -> onnx.ModelProto:
     """An embedding read twice (mean and max over tokens), a MatMul applied per token
     (several positions per stay), then a dense layer."""
@@ -108,7 +122,7 @@ def _batch(graph: str, rng: np.random.Generator) -> tuple[np.ndarray[Any, Any], 
         x[1] = x[0]  # two identical stays of one patient: their rows add up
     elif graph == "tokens":
         x = rng.integers(-11, 11, size=(len(seg), 5))  # negative ids count from the end
-    else:
+    else:  # dense, tied, residual
         x = 3 * rng.normal(size=(len(seg), 4)).astype(np.float32)
     return x, y, seg
 
@@ -135,10 +149,11 @@ def _reference(executor: OnnxExecutor, name: str, x: Any, y: Any, seg: Any,
     return norms, total
 
 
-GRAPHS = {"dense": _dense_graph, "tied": _tied_graph, "tokens": _token_graph}
+GRAPHS = {"dense": _dense_graph, "tied": _tied_graph, "tokens": _token_graph,
+          "residual": _residual_graph}
 
 
-@pytest.mark.parametrize("graph", ["dense", "tied", "tokens", "coder"])
+@pytest.mark.parametrize("graph", ["dense", "tied", "residual", "tokens", "coder"])
 @pytest.mark.parametrize("path", [ClipPath.GHOST, ClipPath.PER_EXAMPLE])
 def test_per_patient_norms_and_clipped_sum_equal_the_one_patient_at_a_time_reference(
         graph: str, path: ClipPath, coder_graph: onnx.ModelProto) -> None:
