@@ -62,7 +62,7 @@ import numpy as np
 import numpy.typing as npt
 
 from adapters.randomness import RandomSource, SecureRandom
-from passerelle.errors import BadInput
+from passerelle.errors import BadInput, Refused
 
 PLD_DISCRETIZATION = 1e-4
 Progress = Callable[[str, int, int], None]
@@ -208,6 +208,10 @@ def poisson_sample(rng: RandomSource, units: int, q: float) -> npt.NDArray[np.in
     """Every unit independently with probability ``q``: the indices of the chosen ones
     (one uniform per unit; :class:`SecureRandom` in production)."""
     return np.flatnonzero(rng.random(units) < q).astype(np.int64)
+
+
+class GradientNotFinite(Refused):
+    """A unit's gradient is NaN or infinite: the step is stopped before it is applied."""
 
 
 class ClipPath(StrEnum):
@@ -457,7 +461,7 @@ class DpSgd:
             summed, norms = self.clipped_sum(x, y, seg, n_units)
             grads, finite = self._noised(summed, noise, size), np.all(np.isfinite(norms))
         if not bool(finite):  # fail closed: a NaN or infinite gradient is not clipped
-            raise BadInput("a gradient is not finite (NaN or infinity): lower "
+            raise GradientNotFinite("a gradient is not finite (NaN or infinity): lower "
                            "--learning-rate or --clip; nothing of this step was applied")
         self._optimizer.apply_gradients(zip(grads, self.variables, strict=True))
 

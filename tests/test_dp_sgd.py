@@ -20,7 +20,15 @@ import tensorflow as tf
 from onnx import TensorProto, helper, numpy_helper
 from tensorflow_privacy import GaussianSumQuery
 
-from adapters.dp import CLIP_MARGIN, ClipPath, DpSgd, DpSgdPlan, poisson_sample, train_dp_sgd
+from adapters.dp import (
+    CLIP_MARGIN,
+    ClipPath,
+    DpSgd,
+    DpSgdPlan,
+    GradientNotFinite,
+    poisson_sample,
+    train_dp_sgd,
+)
 from adapters.onnx_export import keras_to_onnx
 from adapters.onnx_tf import OnnxExecutor
 from adapters.randomness import SecureRandom
@@ -327,7 +335,7 @@ def test_a_non_finite_gradient_stops_the_step_before_anything_is_applied(
     x, y, seg = _batch("dense", np.random.default_rng(13))
     x[4, 0] = np.inf
     before = [v.numpy().copy() for v in executor.trainable_variables]
-    with pytest.raises(BadInput, match="not finite"):
+    with pytest.raises(GradientNotFinite, match="not finite"):
         sgd.private_step(x, y, seg, 5, 5.0)
     for v, b in zip(executor.trainable_variables, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b)
