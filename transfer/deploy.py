@@ -1,0 +1,471 @@
+"""Deployment at the receiving site: what is checked before a model codes a stay.
+
+A version may code stays only if it is one this site can vouch for:
+
+* a **received** version (``bundle receive``): its files verify with the OpenSSF Model
+  Signing signature that came in the bundle, by the sender's key, still pinned (not
+  revoked) in the trust store;
+* an **own** version (``finetune``): its files and its lineage statement verify with the
+  signature this site made when it registered it (:func:`sign_local_version`), by this
+  site's key (current or retired by rotation).
+
+:func:`verify_version` checks, in this order, before any byte is parsed as ONNX:
+
+1. the version exists (else exit 2);
+2. it is not withdrawn: no ``model_withdrawn`` / ``notice_received`` record of this
+   site's ledger names it, and no ``passerelle.withdrawn`` tag is set;
+3. its files are fetched from MLflow into a private folder and
+   (4) their signature verifies (received: sender's pinned key; own: this site's key);
+5. the ONNX digest equals the one this site's ledger recorded for the version
+   (``bundle_received`` or ``finetune``) and the one the signed statement names;
+6. the ONNX safety checks (no external data, model-local functions, unknown domains);
+7. the very bytes that were hashed are handed to onnxruntime (:class:`Coder`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from passerelle.digests import canonical_json, sha256_bytes, sha256_file
+from passerelle.errors import BadInput, PasserelleError, Refused
+from registry.model_dir import LABELS, VOCABULARY
+from registry.store import TAG, ModelStore, VersionInfo, VersionRef
+from registry.vocabulary import ALL_SECTIONS, Vocabulary, select_text
+from transfer import onnx_safety
+from transfer.acts import Recorder, has_ledger, subject
+from transfer.bundle import private_workspace, sign_model_dir, verify_model_signature
+from transfer.errors import DigestMismatch, SignatureInvalid
+from transfer.identity import SiteIdentity, load_site, public_identity
+from transfer.ledger_site import open_ledger, own_keys
+from transfer.ledger_errors import MalformedRecord
+from transfer.records import Record, RecordKind, check_signature
+from transfer.trust import TrustStore
+
+ONNX_FILE = "model.onnx"
+SIGNED_ARTIFACT = "signed"  # MLflow folder of an own version: lineage statement + signature
+LINEAGE_FILE = "lineage_statement.json"
+SIGNATURE_FILE = "model.sig"
+LINEAGE_FORMAT = "passerelle-lineage-statement"
+WITHDRAWN_TAG = TAG + "withdrawn"
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 50
+MAX_TEXT_CHARS = 200_000  # one discharge letter; far above any real one
+
+
+class NotVerified(Refused):
+    """The version cannot be vouched for: unsigned, bad signature or digest, no record."""
+
+
+class Withdrawn(Refused):
+    """The version, or one it derives from, was withdrawn."""
+
+
+class MalformedStay(BadInput):
+    """A stay to code is not an object with ``sections`` or ``text``."""
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def site_records(home: Path) -> list[Record]:
+    """This site's ledger records, each signature checked (none without an identity)."""
+    if not has_ledger(home):
+        return []
+    keys = own_keys(home)
+    with open_ledger(home) as ledger:
+        records = ledger.records()
+    for record in records:
+        try:
+            check_signature(record, keys)
+        except MalformedRecord as e:
+            raise NotVerified(f"ledger record {record.seq} does not verify ({e}); run "
+                              "`passerelle records verify`") from e
+    return records
+
+
+def withdrawn_versions(records: Iterable[Record]) -> dict[VersionRef, str]:
+    """Local version -> reason, for every version a withdrawal record names."""
+    out: dict[VersionRef, str] = {}
+    for r in records:
+        if r.kind in (RecordKind.MODEL_WITHDRAWN, RecordKind.NOTICE_RECEIVED):
+            for text in r.fields.get("withdrawn", []):
+                if isinstance(text, str) and "/" in text:
+                    out.setdefault(VersionRef.parse(text), str(r.fields.get("reason", "")))
+    return out
+
+
+def recorded_onnx_digest(records: Iterable[Record], ref: VersionRef) -> str | None:
+    """The ONNX digest this site's ledger recorded when the version was registered."""
+    found = None
+    for r in records:
+        f = r.fields
+        local = ((f.get("local_model"), f.get("local_version"))
+                 if r.kind is RecordKind.BUNDLE_RECEIVED else (f.get("model"), f.get("version"))
+                 if r.kind is RecordKind.FINETUNE else None)
+        if local == (ref.name, ref.version):
+            found = f.get("onnx_digest")
+    return found if isinstance(found, str) else None
+
+
+def check_not_withdrawn(info: VersionInfo, records: Sequence[Record]) -> None:
+    """(2) Refuse a version that a withdrawal names (ledger) or that is tagged withdrawn."""
+    reason = withdrawn_versions(records).get(info.ref)
+    if reason is None and WITHDRAWN_TAG in info.tags:
+        reason = info.tags.get(TAG + "withdrawn.reason", "")
+    if reason is not None:
+        raise Withdrawn(f"{info.ref} was withdrawn ({reason or 'no reason given'})")
+
+
+def check_ancestors(store: ModelStore, info: VersionInfo, records: Sequence[Record]) -> None:
+    """(2) ... nor is any version it was fine-tuned from (followed through the tags)."""
+    seen = {info.ref}
+    current = info
+    while (parent := current.tags.get(TAG + "finetuned_from")) is not None:
+        ref = VersionRef.parse(parent)
+        if ref in seen:
+            raise NotVerified(f"{info.ref}: its lineage loops at {ref}")
+        seen.add(ref)
+        current = store.get(ref)
+        try:
+            check_not_withdrawn(current, records)
+        except Withdrawn as e:
+            raise Withdrawn(f"{info.ref} derives from a withdrawn version: {e}") from e
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The signed statement of where an own version comes from."""
+
+    site: str
+    fingerprint: str
+    model: str
+    version: str
+    onnx_digest: str
+    source: Mapping[str, str]  # the version it was made from: model, version, digests
+    finetune_record: str | None
+    dataset: str | None
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": LINEAGE_FORMAT, "format_version": 1, "site": self.site,
+                "fingerprint": self.fingerprint, "model": self.model,
+                "version": self.version, "onnx_digest": self.onnx_digest,
+                "source": dict(self.source), "finetune_record": self.finetune_record,
+                "dataset": self.dataset, "created": self.created}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Lineage:
+        try:
+            if not isinstance(doc, dict) or doc.get("format") != LINEAGE_FORMAT or \
+                    doc.get("format_version") != 1 or not isinstance(doc["source"], dict):
+                raise NotVerified("not a lineage statement (format version 1)")
+            return cls(site=str(doc["site"]), fingerprint=str(doc["fingerprint"]),
+                       model=str(doc["model"]), version=str(doc["version"]),
+                       onnx_digest=str(doc["onnx_digest"]),
+                       source={str(k): str(v) for k, v in doc["source"].items()},
+                       finetune_record=doc["finetune_record"], dataset=doc["dataset"],
+                       created=str(doc["created"]))
+        except (KeyError, TypeError) as e:
+            raise NotVerified(f"lineage statement is missing a field: {e}") from e
+
+
+_SOURCE_TAGS = ("finetuned_from", "source_onnx_digest", "received_from", "sender_fingerprint",
+                "bundle_digest", "source_model", "source_version", "transfer_sequence")
+
+
+def sign_local_version(store: ModelStore, info: VersionInfo, rec: Recorder,
+                       finetune_record: Record | None, now: datetime | None = None) -> None:
+    """Sign a version this site made (fine-tuned) with the site's key.
+
+    The version's ``onnx/`` files plus a lineage statement (source version and its
+    digests, the fine-tuning record, the dataset) are signed with OpenSSF Model Signing;
+    the statement and the signature are logged under ``signed/`` on the version and a
+    ``model_signed`` record names both. A home without a site identity cannot sign:
+    its versions stay unsigned, and ``predict``/``serve`` refuse them.
+    """
+    if not has_ledger(store.home):
+        return
+    identity = load_site(store.home)
+    tags = info.tags
+    lineage = Lineage(
+        site=identity.site, fingerprint=identity.fingerprint, model=info.ref.name,
+        version=info.ref.version, onnx_digest=tags.get(TAG + "onnx_digest", ""),
+        source={k: tags[TAG + k] for k in _SOURCE_TAGS if TAG + k in tags},
+        finetune_record=None if finetune_record is None else finetune_record.id,
+        dataset=tags.get(TAG + "dataset_fingerprint"),
+        created=(now or datetime.now(UTC)).replace(microsecond=0).isoformat())
+    with private_workspace(store.home, ".passerelle-sign-") as work:
+        model = store.download(info, "onnx", work / "dl")
+        if sha256_file(model / ONNX_FILE) != lineage.onnx_digest:
+            raise DigestMismatch(f"{info.ref}: the registered model.onnx differs from its tag")
+        statement = canonical_json(lineage.to_json())
+        (model / LINEAGE_FILE).write_bytes(statement)
+        signed = work / SIGNED_ARTIFACT
+        signed.mkdir()
+        sign_model_dir(identity, model, signed / SIGNATURE_FILE)
+        shutil.copyfile(model / LINEAGE_FILE, signed / LINEAGE_FILE)
+        signature_digest = sha256_file(signed / SIGNATURE_FILE)
+        rec.record(RecordKind.MODEL_SIGNED,
+                   subject("onnx", str(info.ref), lineage.onnx_digest)
+                   + subject("lineage", str(info.ref), sha256_bytes(statement))
+                   + subject("signature", str(info.ref), signature_digest),
+                   {"model": info.ref.name, "version": info.ref.version,
+                    "onnx_digest": lineage.onnx_digest,
+                    "lineage_digest": sha256_bytes(statement),
+                    "signature_digest": signature_digest, "source": dict(lineage.source),
+                    "finetune_record": lineage.finetune_record, "dataset": lineage.dataset})
+        store.attach(info, signed, SIGNED_ARTIFACT,
+                     {TAG + "signed_by": identity.site,
+                      TAG + "lineage_digest": sha256_bytes(statement)})
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """A version that passed every check of :func:`verify_version`, with its bytes."""
+
+    info: VersionInfo
+    onnx_bytes: bytes
+    onnx_digest: str
+    vocabulary: Vocabulary
+    codes: tuple[str, ...]
+    labels: Mapping[str, str]
+    signer: str  # the site whose key signed it
+    origin: str  # "received" or "own"
+
+
+def verify_version(store: ModelStore, ref: VersionRef) -> VerifiedModel:
+    """Steps 1-7 of the module docstring; :class:`Refused` (exit 1) on any failure."""
+    home = store.home
+    info = store.get(ref)                                                   # (1)
+    records = site_records(home)
+    check_not_withdrawn(info, records)                                      # (2)
+    check_ancestors(store, info, records)
+    expected = recorded_onnx_digest(records, ref)
+    with private_workspace(home, ".passerelle-verify-") as work:
+        try:
+            model = store.download(info, "onnx", work / "dl")               # (3)
+        except PasserelleError as e:
+            raise NotVerified(f"{ref}: its ONNX files cannot be fetched: {e}") from e
+        if not (model / ONNX_FILE).is_file():
+            raise NotVerified(f"{ref}: no {ONNX_FILE} in the registry")
+        if TAG + "finetuned_from" in info.tags:                             # (4)
+            origin, signer, named = "own", *_verify_own(store, info, model, work)
+        elif TAG + "received_from" in info.tags:
+            origin, signer, named = "received", *_verify_received(home, info, model, work)
+        else:
+            raise NotVerified(f"{ref} is neither a received nor a fine-tuned version of "
+                              "this site: nothing signed vouches for it")
+        onnx_bytes = (model / ONNX_FILE).read_bytes()
+        digest = sha256_bytes(onnx_bytes)                                   # (5)
+        if expected is None:
+            raise NotVerified(f"{ref}: this site's ledger holds no record of its ONNX digest")
+        if digest != expected or digest != named:
+            raise DigestMismatch(f"{ref}: model.onnx ({digest}) differs from the digest "
+                                 f"recorded in the ledger ({expected})")
+        onnx_safety.check_model(model / ONNX_FILE)                          # (6)
+        if sha256_file(model / ONNX_FILE) != digest:
+            raise DigestMismatch(f"{ref}: model.onnx changed while it was checked")
+        vocab = _vocabulary(model / VOCABULARY)
+        codes, labels = _labels(model / LABELS)
+    return VerifiedModel(info, onnx_bytes, digest, vocab, codes, labels, signer, origin)
+
+
+def _verify_received(home: Path, info: VersionInfo, model: Path,
+                     work: Path) -> tuple[str, str]:
+    """(4) A received version: the bundle's model signature by the pinned sender key."""
+    site = info.tags[TAG + "received_from"]
+    fingerprint = info.tags.get(TAG + "sender_fingerprint", "")
+    sender = TrustStore(home).sender(fingerprint, site)  # untrusted or revoked: refused
+    onnx_digest = sha256_file(model / ONNX_FILE)
+    signatures = [p for p in sorted((home / "received").rglob(SIGNATURE_FILE))
+                  if (p.parent / "model" / ONNX_FILE).is_file()
+                  and sha256_file(p.parent / "model" / ONNX_FILE) == onnx_digest]
+    if not signatures:
+        raise NotVerified(f"{info.ref}: no bundle signature of these ONNX bytes under "
+                          f"{home / 'received'}")
+    verify_model_signature(model, signatures[0], sender.signing_key_pem, work)
+    try:
+        statement = json.loads((model / "transfer_statement.json").read_text("utf-8"))
+        named = str(statement["onnx_digest"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NotVerified(f"{info.ref}: no readable transfer statement") from e
+    return site, named
+
+
+def _verify_own(store: ModelStore, info: VersionInfo, model: Path,
+                work: Path) -> tuple[str, str]:
+    """(4) An own version: its files + lineage statement, signed by this site's key."""
+    home = store.home
+    if not has_ledger(home):
+        raise NotVerified(f"{info.ref}: this home has no site identity to check its "
+                          "signature with")
+    try:
+        signed = store.download(info, SIGNED_ARTIFACT, work / "signed")
+    except PasserelleError as e:
+        raise NotVerified(f"{info.ref} is not signed by this site (no {SIGNED_ARTIFACT}/ "
+                          "in the registry)") from e
+    if not (signed / LINEAGE_FILE).is_file() or not (signed / SIGNATURE_FILE).is_file():
+        raise NotVerified(f"{info.ref}: its signature or lineage statement is missing")
+    shutil.copyfile(signed / LINEAGE_FILE, model / LINEAGE_FILE)
+    errors = []
+    for key in own_keys(home).keys.values():
+        from cryptography.hazmat.primitives import serialization
+
+        pem = key.public_bytes(serialization.Encoding.PEM,
+                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        try:
+            verify_model_signature(model, signed / SIGNATURE_FILE, pem, work)
+            break
+        except SignatureInvalid as e:
+            errors.append(str(e))
+    else:
+        raise SignatureInvalid(f"{info.ref}: {errors[0] if errors else 'no key'}")
+    try:
+        lineage = Lineage.from_json(json.loads((model / LINEAGE_FILE).read_text("utf-8")))
+    except (OSError, ValueError) as e:
+        raise NotVerified(f"{info.ref}: the lineage statement is not JSON") from e
+    if (lineage.model, lineage.version) != (info.ref.name, info.ref.version):
+        raise NotVerified(f"{info.ref}: the signed lineage statement speaks of "
+                          f"{lineage.model}/{lineage.version}")
+    (model / LINEAGE_FILE).unlink()
+    return public_identity(home).site, lineage.onnx_digest
+
+
+def _vocabulary(path: Path) -> Vocabulary:
+    try:
+        return Vocabulary.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NotVerified(f"{path.name}: unreadable vocabulary: {e}") from e
+
+
+def _labels(path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        codes = tuple(str(c) for c in doc["codes"])
+        labels = {c: str(doc["labels"].get(c, "")) for c in codes}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise NotVerified(f"{path.name}: unreadable labels: {e}") from e
+    return codes, labels
+
+
+# --------------------------------------------------------------------------- coding
+
+
+@dataclass(frozen=True)
+class Stay:
+    """A stay to code: an optional id and the text the model reads."""
+
+    stay_id: str | None
+    text: str
+
+
+def parse_stay(doc: Any, where: str, sections: Sequence[str]) -> Stay:
+    """A stay from JSON: ``{"stay_id"?, "sections": {...}}`` or ``{"stay_id"?, "text"}``
+    (or the section keys at the top level, as dataframe columns); else MalformedStay."""
+    if isinstance(doc, str):
+        doc = {"text": doc}
+    if not isinstance(doc, dict):
+        raise MalformedStay(f"{where}: a stay must be a JSON object")
+    stay_id = doc.get("stay_id")
+    if stay_id is not None and not isinstance(stay_id, str):
+        raise MalformedStay(f"{where}: stay_id must be a string")
+    raw = doc.get("sections")
+    if raw is None and any(k in doc for k in ALL_SECTIONS):
+        raw = {k: doc[k] for k in ALL_SECTIONS if k in doc}
+    if raw is not None:
+        if not isinstance(raw, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise MalformedStay(f"{where}: sections must map section names to text")
+        text = select_text(raw, sections)
+    elif isinstance(doc.get("text"), str):
+        text = doc["text"]
+    else:
+        raise MalformedStay(f"{where}: a stay needs 'sections' (an object) or 'text'")
+    if len(text) > MAX_TEXT_CHARS:
+        raise MalformedStay(f"{where}: text longer than {MAX_TEXT_CHARS} characters")
+    return Stay(stay_id, text)
+
+
+@dataclass(frozen=True)
+class Coder:
+    """A verified version loaded in onnxruntime: stays -> top-k codes."""
+
+    model: VerifiedModel
+    session: Any
+    input_name: str
+    output_name: str
+
+    @classmethod
+    def load(cls, model: VerifiedModel) -> Coder:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(model.onnx_bytes, options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own classes; nothing was coded
+            raise NotVerified(f"{model.info.ref}: onnxruntime cannot load it: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from e
+        outputs = [o.name for o in session.get_outputs()]
+        output = "logits" if "logits" in outputs else outputs[0]
+        return cls(model, session, session.get_inputs()[0].name, output)
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return tuple(self.model.vocabulary.config.sections)
+
+    def probabilities(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        ids = self.model.vocabulary.encode(texts)
+        logits = np.asarray(self.session.run([self.output_name], {self.input_name: ids})[0],
+                            dtype=np.float32)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        out: npt.NDArray[np.float32] = e / e.sum(axis=1, keepdims=True)
+        return out
+
+    def code(self, stays: Sequence[Stay], top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
+        """For each stay: its id and the top-k codes with probability and label."""
+        if not stays:
+            return []
+        probs = self.probabilities([s.text for s in stays])
+        k = min(top_k, probs.shape[1])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        codes, labels = self.model.codes, self.model.labels
+        return [{"stay_id": stay.stay_id,
+                 "codes": [{"code": codes[j], "label": labels.get(codes[j], ""),
+                            "probability": round(float(row[j]), 6)} for j in idx]}
+                for stay, row, idx in zip(stays, probs, top, strict=True)]
+
+
+def check_top_k(k: int) -> int:
+    if not 1 <= k <= MAX_TOP_K:
+        raise BadInput(f"top-k must be between 1 and {MAX_TOP_K}")
+    return k
+
+
+def load_verified(store: ModelStore, ref: VersionRef) -> Coder:
+    """Verify ``ref`` (:func:`verify_version`) and load it in onnxruntime."""
+    return Coder.load(verify_version(store, ref))
+
+
+__all__ = ["Coder", "Lineage", "MalformedStay", "NotVerified", "SiteIdentity", "Stay",
+           "VerifiedModel", "Withdrawn", "check_not_withdrawn", "check_top_k",
+           "load_verified", "parse_stay", "recorded_onnx_digest", "sign_local_version",
+           "site_records", "verify_version", "withdrawn_versions"]
