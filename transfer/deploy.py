@@ -45,8 +45,8 @@ from transfer.acts import Recorder, has_ledger, subject
 from transfer.bundle import private_workspace, sign_model_dir, verify_model_signature
 from transfer.errors import DigestMismatch, SignatureInvalid
 from transfer.identity import SiteIdentity, load_site, public_identity
-from transfer.ledger_site import open_ledger, own_keys
 from transfer.ledger_errors import MalformedRecord
+from transfer.ledger_site import open_ledger, own_keys
 from transfer.records import Record, RecordKind, check_signature
 from transfer.trust import TrustStore
 
@@ -266,7 +266,8 @@ def verify_version(store: ModelStore, ref: VersionRef) -> VerifiedModel:
         if TAG + "finetuned_from" in info.tags:                             # (4)
             origin, signer, named = "own", *_verify_own(store, info, model, work)
         elif TAG + "received_from" in info.tags:
-            origin, signer, named = "received", *_verify_received(home, info, model, work)
+            origin, signer, named = "received", *_verify_received(home, info, model, work,
+                                                                  expected)
         else:
             raise NotVerified(f"{ref} is neither a received nor a fine-tuned version of "
                               "this site: nothing signed vouches for it")
@@ -285,19 +286,22 @@ def verify_version(store: ModelStore, ref: VersionRef) -> VerifiedModel:
     return VerifiedModel(info, onnx_bytes, digest, vocab, codes, labels, signer, origin)
 
 
-def _verify_received(home: Path, info: VersionInfo, model: Path,
-                     work: Path) -> tuple[str, str]:
-    """(4) A received version: the bundle's model signature by the pinned sender key."""
+def _verify_received(home: Path, info: VersionInfo, model: Path, work: Path,
+                     expected: str | None) -> tuple[str, str]:
+    """(4) A received version: the bundle's model signature by the pinned sender key.
+
+    The signature came in the bundle and was installed beside the model under
+    ``HOME/received/``; it is the one whose installed model has the ONNX digest this
+    site's ledger recorded on receipt."""
     site = info.tags[TAG + "received_from"]
     fingerprint = info.tags.get(TAG + "sender_fingerprint", "")
     sender = TrustStore(home).sender(fingerprint, site)  # untrusted or revoked: refused
-    onnx_digest = sha256_file(model / ONNX_FILE)
     signatures = [p for p in sorted((home / "received").rglob(SIGNATURE_FILE))
                   if (p.parent / "model" / ONNX_FILE).is_file()
-                  and sha256_file(p.parent / "model" / ONNX_FILE) == onnx_digest]
-    if not signatures:
-        raise NotVerified(f"{info.ref}: no bundle signature of these ONNX bytes under "
-                          f"{home / 'received'}")
+                  and sha256_file(p.parent / "model" / ONNX_FILE) == expected]
+    if expected is None or not signatures:
+        raise NotVerified(f"{info.ref}: no bundle signature of the recorded ONNX bytes "
+                          f"under {home / 'received'}")
     verify_model_signature(model, signatures[0], sender.signing_key_pem, work)
     try:
         statement = json.loads((model / "transfer_statement.json").read_text("utf-8"))
