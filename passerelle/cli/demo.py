@@ -243,29 +243,29 @@ PREDICT_SAMPLE = 500
 
 
 def _predict(run: _Run) -> str:
-    """Y codes a sample of its stays with the fine-tuned version (checked before loading)."""
+    """Y codes new stays with the fine-tuned version (checked before loading)."""
     ref = VersionRef.parse(run.summary["finetune"]["version"])
-    stays = (run.data_y / "stays.jsonl").read_text(encoding="utf-8").splitlines()
-    sample = run.work / "coding" / "sample-stays.jsonl"
-    sample.parent.mkdir()
-    docs = [json.loads(line) for line in stays[-PREDICT_SAMPLE:]]
-    sample.write_text("".join(json.dumps({"stay_id": d["stay_id"], "sections": d["sections"]},
-                                         ensure_ascii=False) + "\n" for d in docs))
+    new_stays = run.work / "data" / "site-y-new"  # stays that came after the fine-tuning
+    steps.generate_corpus("Y", PREDICT_SAMPLE, run.args.seed + 2, 0, new_stays)
     out = run.work / "coding" / "codes.jsonl"
-    coded = code_file(ModelStore(run.home_y), ref, sample, out, 5)
+    out.parent.mkdir()
+    coded = code_file(ModelStore(run.home_y), ref, new_stays, out, 5)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    docs = [json.loads(line) for line in
+            (new_stays / "stays.jsonl").read_text(encoding="utf-8").splitlines()]
     truth = [d["main_diagnosis"] for d in docs]
     top1 = sum(r["codes"][0]["code"] == t for r, t in zip(rows, truth, strict=True))
     top5 = sum(t in {c["code"] for c in r["codes"]} for r, t in zip(rows, truth, strict=True))
     first = rows[0]["codes"][0]
     run.summary["predict"] = {"version": str(ref), "stays": coded.stays, "out": str(out),
+                              "data": str(new_stays),
                               "top1": top1 / len(rows), "top5": top5 / len(rows),
                               "signed_by": coded.signer}
-    return (f"{SITE_Y} coded {coded.stays} of its stays with {ref} (signature by {coded.signer}, "
-            f"ONNX digest and withdrawal status checked before loading) into {out}: the "
-            f"coded main diagnosis is the top suggestion for {top1 / len(rows):.1%} and in "
-            f"the top 5 for {top5 / len(rows):.1%}; first stay: {first['code']} "
-            f"{first['label'][:40]} (p = {first['probability']:.2f})")
+    return (f"{SITE_Y} coded {coded.stays} new stays ({new_stays}) with {ref} (signature "
+            f"by {coded.signer}, ONNX digest and withdrawal status checked before loading) "
+            f"into {out}: the coded main diagnosis is the top suggestion for "
+            f"{top1 / len(rows):.1%} and in the top 5 for {top5 / len(rows):.1%}; first "
+            f"stay: {first['code']} {first['label'][:40]} (p = {first['probability']:.2f})")
 
 
 def _withdraw(run: _Run) -> str:
@@ -277,7 +277,7 @@ def _withdraw(run: _Run) -> str:
     applied = receive_notice(ModelStore(run.home_y), notice)
     derived = VersionRef.parse(run.summary["finetune"]["version"])
     try:
-        code_file(ModelStore(run.home_y), derived, run.work / "coding" / "sample-stays.jsonl",
+        code_file(ModelStore(run.home_y), derived, Path(run.summary["predict"]["data"]),
                   run.work / "coding" / "after-withdrawal.jsonl", 5)
     except Refused as e:
         refusal = str(e)
