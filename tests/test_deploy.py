@@ -31,6 +31,7 @@ from passerelle.cli import main
 from passerelle.corpus import manifest_digest
 from registry.store import ModelStore, VersionRef
 from tests.conftest import TEST_OVERRIDE
+from transfer.deploy import parse_stay
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.identity import init_site, load_site
 from transfer.ledger_site import open_ledger
@@ -154,6 +155,20 @@ def test_finetuned_version_is_signed_by_y_with_its_lineage(
     code, doc, err = _predict(capsys, world, OWN, out)
     assert code == 0, err
     assert doc["origin"] == "own" and doc["signed_by"] == "CH-Y"
+
+
+def test_json_lines_say_exactly_what_the_coder_returns(world: World) -> None:
+    from transfer.deploy import load_verified
+
+    coder = load_verified(ModelStore(world.y), VersionRef.parse(OWN))
+    stays = [parse_stay(json.loads(line), "t", coder.sections) for line in
+             (world.corpus_y / "stays.jsonl").read_text().splitlines()[:40]]
+    stays.append(parse_stay({"stay_id": 'quote " and é', "text": "douleur"}, "t",
+                            coder.sections))
+    texts = coder.code_json(stays, 7)
+    assert [json.loads(t) for t in texts] == coder.code(stays, 7)
+    assert texts[0] == json.dumps(coder.code(stays[:1], 7)[0], ensure_ascii=False,
+                                  sort_keys=True, separators=(",", ":"))
 
 
 def test_jsonl_stays_with_text_or_sections_are_coded(

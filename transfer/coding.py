@@ -106,9 +106,8 @@ def write_codes(coder: Coder, stays: Sequence[Stay], out: Path, top_k: int,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for start in range(0, len(stays), BATCH):
-                for row in coder.code(stays[start:start + BATCH], top_k):
-                    f.write(json.dumps(row, ensure_ascii=False, sort_keys=True,
-                                       separators=(",", ":")) + "\n")
+                for line in coder.code_json(stays[start:start + BATCH], top_k):
+                    f.write(line + "\n")
                 if progress is not None:
                     progress("coding stays", min(start + BATCH, len(stays)), len(stays))
             f.flush()

@@ -39,7 +39,7 @@ from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import BadInput, PasserelleError, Refused
 from registry.model_dir import LABELS, VOCABULARY
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
-from registry.vocabulary import ALL_SECTIONS, Vocabulary, select_text
+from registry.vocabulary import ALL_SECTIONS, Vocabulary
 from transfer import onnx_safety
 from transfer.acts import Recorder, has_ledger, subject
 from transfer.bundle import private_workspace, sign_model_dir, verify_model_signature
@@ -389,13 +389,15 @@ def parse_stay(doc: Any, where: str, sections: Sequence[str]) -> Stay:
     if stay_id is not None and not isinstance(stay_id, str):
         raise MalformedStay(f"{where}: stay_id must be a string")
     raw = doc.get("sections")
-    if raw is None and any(k in doc for k in ALL_SECTIONS):
-        raw = {k: doc[k] for k in ALL_SECTIONS if k in doc}
+    if raw is None and not isinstance(doc.get("text"), str):
+        raw = {k: doc[k] for k in ALL_SECTIONS if k in doc} or None
     if raw is not None:
-        if not isinstance(raw, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        if not isinstance(raw, dict):
             raise MalformedStay(f"{where}: sections must map section names to text")
-        text = select_text(raw, sections)
+        parts = [raw.get(name, "") for name in ALL_SECTIONS if name in sections]
+        if not all(isinstance(v, str) for v in parts):
+            raise MalformedStay(f"{where}: sections must map section names to text")
+        text = "\n".join(parts)  # registry.vocabulary.select_text, with the types checked
     elif isinstance(doc.get("text"), str):
         text = doc["text"]
     else:
@@ -442,20 +444,51 @@ class Coder:
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         out: npt.NDArray[np.float32] = e / e.sum(axis=1, keepdims=True)
+        if not np.isfinite(out).all():
+            raise NotVerified(f"{self.model.info.ref}: the model gave non-finite outputs")
         return out
+
+    def top(self, stays: Sequence[Stay], top_k: int) -> tuple[list[list[int]],
+                                                              list[list[float]]]:
+        """For each stay, the indices of its top-k codes and their probabilities (6 d.p.)."""
+        probs = self.probabilities([s.text for s in stays])
+        k = min(top_k, probs.shape[1])
+        part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(probs, part, axis=1), axis=1, kind="stable")
+        idx = np.take_along_axis(part, order, axis=1)
+        values = np.round(np.take_along_axis(probs, idx, axis=1).astype(np.float64), 6)
+        return idx.tolist(), values.tolist()
 
     def code(self, stays: Sequence[Stay], top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
         """For each stay: its id and the top-k codes with probability and label."""
         if not stays:
             return []
-        probs = self.probabilities([s.text for s in stays])
-        k = min(top_k, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        idx, values = self.top(stays, top_k)
         codes, labels = self.model.codes, self.model.labels
-        return [{"stay_id": stay.stay_id,
-                 "codes": [{"code": codes[j], "label": labels.get(codes[j], ""),
-                            "probability": round(float(row[j]), 6)} for j in idx]}
-                for stay, row, idx in zip(stays, probs, top, strict=True)]
+        return [{"codes": [{"code": codes[j], "label": labels.get(codes[j], ""),
+                            "probability": p} for j, p in zip(row, ps, strict=True)],
+                 "stay_id": stay.stay_id}
+                for stay, row, ps in zip(stays, idx, values, strict=True)]
+
+    def code_json(self, stays: Sequence[Stay], top_k: int = DEFAULT_TOP_K) -> list[str]:
+        """:meth:`code` as compact JSON texts (sorted keys), built from per-code fragments."""
+        if not stays:
+            return []
+        idx, values = self.top(stays, top_k)
+        frag = self._fragments
+        return ['{"codes":[' + ",".join(f"{frag[j]}{p!r}}}" for j, p in zip(row, ps, strict=True))
+                + '],"stay_id":' + json.dumps(stay.stay_id, ensure_ascii=False) + "}"
+                for stay, row, ps in zip(stays, idx, values, strict=True)]
+
+    @property
+    def _fragments(self) -> list[str]:
+        cached = self.__dict__.get("_frag")
+        if cached is None:
+            cached = ['{"code":' + json.dumps(c, ensure_ascii=False) + ',"label":'
+                      + json.dumps(self.model.labels.get(c, ""), ensure_ascii=False)
+                      + ',"probability":' for c in self.model.codes]
+            object.__setattr__(self, "_frag", cached)
+        return cached
 
 
 def check_top_k(k: int) -> int:

@@ -222,8 +222,8 @@ class ScoringServer:
 
     # -- one request ------------------------------------------------------------------
 
-    def invoke(self, content_type: str | None, body: bytes) -> tuple[int, dict[str, Any]]:
-        """(number of stays, response document) for an /invocations body."""
+    def invoke(self, content_type: str | None, body: bytes) -> tuple[int, bytes]:
+        """(number of stays, response body) for an /invocations body."""
         coder, refusal = self._state.get()
         if coder is None:
             raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
@@ -253,7 +253,8 @@ class ScoringServer:
             stays = [parse_stay(r, f"row {i}", coder.sections) for i, r in enumerate(rows)]
         except MalformedStay as e:
             raise RequestError(HTTPStatus.BAD_REQUEST, str(e)) from e
-        return len(stays), {"predictions": coder.code(stays, self.options.top_k)}
+        rows = coder.code_json(stays, self.options.top_k)
+        return len(stays), ('{"predictions":[' + ",".join(rows) + "]}").encode()
 
 
 def _handler_class(server: ScoringServer) -> type[BaseHTTPRequestHandler]:
@@ -261,6 +262,7 @@ def _handler_class(server: ScoringServer) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         timeout = server.options.timeout  # every socket read and write
+        disable_nagle_algorithm = True  # headers and a small body: no 40 ms delayed ACK
         protocol_version = "HTTP/1.1"
         server_version = "passerelle-serve"
         sys_version = ""
@@ -316,9 +318,8 @@ def _handler_class(server: ScoringServer) -> type[BaseHTTPRequestHandler]:
                 if len(body) != size:
                     raise RequestError(HTTPStatus.BAD_REQUEST, "the body is shorter than "
                                        "its Content-Length")
-                stays, doc = server.invoke(self.headers.get("Content-Type"), body)
-                self._send(HTTPStatus.OK, json.dumps(doc, ensure_ascii=False).encode(),
-                           "application/json")
+                stays, answer = server.invoke(self.headers.get("Content-Type"), body)
+                self._send(HTTPStatus.OK, answer, "application/json")
                 status = int(HTTPStatus.OK)
             except RequestError as e:
                 self.close_connection = True  # an unread body must not be parsed as a request
