@@ -76,12 +76,12 @@ class MalformedStay(BadInput):
 # --------------------------------------------------------------------------- ledger
 
 
-def site_records(home: Path) -> list[Record]:
+def site_records(home: Path, url: str | None = None) -> list[Record]:
     """This site's ledger records, each signature checked (none without an identity)."""
     if not has_ledger(home):
         return []
     keys = own_keys(home)
-    with open_ledger(home) as ledger:
+    with open_ledger(home, url) as ledger:
         records = ledger.records()
     for record in records:
         try:
@@ -407,6 +407,17 @@ def parse_stay(doc: Any, where: str, sections: Sequence[str]) -> Stay:
     return Stay(stay_id, text)
 
 
+def session_options() -> Any:
+    """onnxruntime's options for coding: quiet, and its worker threads sleep between runs
+    instead of spinning (a hospital's server runs other things)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 @dataclass(frozen=True)
 class Coder:
     """A verified version loaded in onnxruntime: stays -> top-k codes."""
@@ -420,10 +431,8 @@ class Coder:
     def load(cls, model: VerifiedModel) -> Coder:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(model.onnx_bytes, options,
+            session = ort.InferenceSession(model.onnx_bytes, session_options(),
                                            providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own classes; nothing was coded
             raise NotVerified(f"{model.info.ref}: onnxruntime cannot load it: "

@@ -133,14 +133,14 @@ def peer_records(home: Path, export: Path) -> list[Record]:
 
 
 def lineage(home: Path, dataset: str | None = None, model: VersionRef | None = None,
-            peers: Sequence[Path] = ()) -> list[Derived]:
+            peers: Sequence[Path] = (), url: str | None = None) -> list[Derived]:
     """Every version derived from ``dataset`` (a corpus fingerprint) or from ``model`` (a
     version of this site's registry), itself included, with its site and status."""
     if (dataset is None) == (model is None):
         raise BadInput("name exactly one of --dataset DIGEST or --model NAME/VERSION")
     if dataset is not None and not (dataset.startswith("sha256:") and len(dataset) == 71):
         raise BadInput(f"{dataset!r} is not a dataset fingerprint (sha256:<64 hex digits>)")
-    own = site_records(home)
+    own = site_records(home, url)
     if not own and not peers:
         raise Refused("this home has no ledger to answer from (run `passerelle site init`)")
     graph = _Graph()

@@ -275,9 +275,12 @@ def read_notice(path: Path) -> tuple[Notice, dict[str, Any], str, bytes]:
     return Notice.from_json(doc["notice"]), doc["notice"], doc["signature"], raw
 
 
-def receive_notice(store: ModelStore, path: Path, now: datetime | None = None) -> AppliedNotice:
-    """``notice receive``: steps 1-6 of the module docstring, then apply the withdrawal."""
-    home = store.home
+def receive_notice(home: Path, path: Path, now: datetime | None = None,
+                   store: ModelStore | None = None) -> AppliedNotice:
+    """``notice receive``: steps 1-6 of the module docstring, then apply the withdrawal.
+
+    The registry (``store``, default the home's) is opened only once the notice passed
+    every check: a refused notice creates nothing in the home but its ledger record."""
     me = load_site(home)
     moment = now or datetime.now(UTC)
     with recorder(home, me) as rec:
@@ -305,6 +308,7 @@ def receive_notice(store: ModelStore, path: Path, now: datetime | None = None) -
             _record_refused(rec, path, e)
             raise
         digest = sha256_bytes(raw)
+        store = store or ModelStore(home)
         local = [VersionRef(str(r.fields["local_model"]), str(r.fields["local_version"]))
                  for r in records if r.kind is RecordKind.BUNDLE_RECEIVED
                  and r.fields.get("from") == notice.sender.site

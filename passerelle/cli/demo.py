@@ -274,7 +274,7 @@ def _withdraw(run: _Run) -> str:
     notice = run.work / "transfer" / f"{MODEL_NAME}-v{source.version}.withdrawal"
     withdrawal = withdraw_version(ModelStore(run.home_x), source,
                                   "demo: memorisation found after transfer", notice)
-    applied = receive_notice(ModelStore(run.home_y), notice)
+    applied = receive_notice(run.home_y, notice)
     derived = VersionRef.parse(run.summary["finetune"]["version"])
     try:
         code_file(ModelStore(run.home_y), derived, Path(run.summary["predict"]["data"]),

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
-from registry.store import ModelStore
 from transfer.withdrawal import receive_notice
 
 
@@ -28,8 +27,7 @@ def add_to(sub: Subparsers) -> None:
 
 
 def receive(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    applied = receive_notice(ModelStore(home), args.file)
+    applied = receive_notice(home_of(args), args.file)
     n = applied.notice
     doc = {"from": n.sender.site, "model": n.model, "version": n.version,
            "sequence": n.sequence, "reason": n.reason, "notice_digest": applied.digest,

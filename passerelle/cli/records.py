@@ -157,7 +157,7 @@ def lineage(args: argparse.Namespace) -> int:
     from transfer.lineage import lineage as find_lineage
 
     model = VersionRef.parse(args.model) if args.model else None
-    found = find_lineage(home_of(args), args.dataset, model, args.peer)
+    found = find_lineage(home_of(args), args.dataset, model, args.peer, args.ledger_url)
     doc = {"dataset": args.dataset, "model": args.model,
            "versions": [d.to_json() for d in found]}
 
