@@ -209,6 +209,13 @@ def test_unknown_or_unsigned_versions_are_refused(
     assert not out.exists()
 
 
+def test_a_flag_cannot_lengthen_the_sites_check_interval(
+        world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "serve", OWN, "--port", "0", "--check-interval", "31",
+                        "--home", str(world.y))
+    assert code == 2 and "deploy.check_interval_seconds (30 s)" in err, err
+
+
 @pytest.mark.parametrize(("ref", "path"), [(RECEIVED, "onnx/model.onnx"),
                                            (OWN, "onnx/model.onnx"),
                                            (OWN, "onnx/labels.json"),

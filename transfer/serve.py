@@ -20,7 +20,8 @@ after ``timeout`` seconds. Each request is logged as one line (method, path, sta
 number of stays, bytes, latency): never a letter, a code or a stay id.
 
 Checks: :func:`transfer.deploy.verify_version` runs before the port is opened and again
-every ``check_interval`` seconds (and on SIGHUP in the command line): the model is
+every ``check_interval`` seconds (the site policy's ``deploy.check_interval_seconds``,
+default 30, or shorter; and on SIGHUP in the command line): the model is
 reloaded from the verified bytes, or, if a check refuses, the server stops serving it
 (503) until a later check passes. A withdrawal received while the server runs therefore
 takes effect within ``check_interval`` seconds.
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from passerelle.errors import BadInput, PasserelleError
@@ -50,8 +52,8 @@ FORMATS = (DF_RECORDS, DF_SPLIT, INSTANCES, INPUTS)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_STAYS = 1024
 DEFAULT_TIMEOUT = 10.0
-DEFAULT_CHECK_INTERVAL = 30.0
-MIN_CHECK_INTERVAL, MAX_CHECK_INTERVAL = 0.5, 3600.0
+MIN_CHECK_INTERVAL, MAX_CHECK_INTERVAL = 0.5, 600.0
+POLICY_CHECK_INTERVAL = "deploy.check_interval_seconds"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class ServeOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_stays: int = DEFAULT_MAX_STAYS
     timeout: float = DEFAULT_TIMEOUT
-    check_interval: float = DEFAULT_CHECK_INTERVAL
+    check_interval: float = 30.0
     top_k: int = 5
 
     def __post_init__(self) -> None:
@@ -77,6 +79,20 @@ class ServeOptions:
             raise BadInput(f"the check interval must be between {MIN_CHECK_INTERVAL:g} and "
                            f"{MAX_CHECK_INTERVAL:g} seconds")
         check_top_k(self.top_k)
+
+
+def check_interval(home: Path, requested: float | None) -> float:
+    """The interval between checks: the site's ``deploy.check_interval_seconds``, or a
+    shorter one asked for (a flag never lengthens the time a withdrawal takes)."""
+    from transfer.site_policy import load_policy
+
+    limit = load_policy(home).real(POLICY_CHECK_INTERVAL)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise BadInput(f"--check-interval {requested:g} is longer than the site's "
+                       f"{POLICY_CHECK_INTERVAL} ({limit:g} s); it may only be shortened")
+    return requested
 
 
 class RequestError(Exception):

@@ -20,12 +20,12 @@ from passerelle.cli._common import (
 from registry.store import ModelStore, VersionRef
 from transfer.deploy import DEFAULT_TOP_K
 from transfer.serve import (
-    DEFAULT_CHECK_INTERVAL,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_STAYS,
     DEFAULT_TIMEOUT,
     ScoringServer,
     ServeOptions,
+    check_interval,
 )
 
 
@@ -41,8 +41,10 @@ def add_to(sub: Subparsers) -> None:
         "with a 4xx status.\n"
         "The checks of `passerelle predict` (signature, ONNX digest against the ledger, not\n"
         "withdrawn) run before the port opens (exit 1 if they refuse, exit 2 if the port is\n"
-        "in use) and again every --check-interval seconds and on SIGHUP: a version\n"
-        "withdrawn while the server runs stops being served within that interval.\n"
+        "in use) and again every --check-interval seconds (the site policy's\n"
+        "deploy.check_interval_seconds, default 30; a flag may only shorten it) and on\n"
+        "SIGHUP: a version withdrawn while the server runs stops being served within\n"
+        "that interval.\n"
         "One log line per request on stderr: status, number of stays, bytes, latency;\n"
         "never the letters. Stops on SIGINT or SIGTERM (exit 0).")
     p.add_argument("ref", metavar="NAME/VERSION")
@@ -57,20 +59,22 @@ def add_to(sub: Subparsers) -> None:
                    help=f"most stays in one request, 413 above (default {DEFAULT_MAX_STAYS})")
     p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"socket read/write timeout per request (default {DEFAULT_TIMEOUT:g} s)")
-    p.add_argument("--check-interval", type=positive_float, default=DEFAULT_CHECK_INTERVAL,
-                   metavar="S", help="seconds between two checks of the version (withdrawal, "
-                   f"signature, digest), 0.5 to 3600 (default {DEFAULT_CHECK_INTERVAL:g})")
+    p.add_argument("--check-interval", type=positive_float, metavar="S",
+                   help="seconds between two checks of the version (withdrawal, signature, "
+                   "digest), at least 0.5, at most the site's deploy.check_interval_seconds "
+                   "(default: that setting, 30 unless the site changed it)")
     p.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, metavar="K",
                    help=f"codes per stay, 1 to 50 (default {DEFAULT_TOP_K})")
 
 
 def serve(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
+    home = home_of(args)
     options = ServeOptions(port=args.port, host=args.host,
                            max_request_bytes=args.max_request_bytes, max_stays=args.max_stays,
-                           timeout=args.timeout, check_interval=args.check_interval,
+                           timeout=args.timeout,
+                           check_interval=check_interval(home, args.check_interval),
                            top_k=args.top_k)
-    home = home_of(args)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log = logging.getLogger("passerelle.serve")
