@@ -25,6 +25,7 @@ A version may code stays only if it is one this site can vouch for:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -302,7 +303,8 @@ def _verify_received(home: Path, info: VersionInfo, model: Path, work: Path,
     if expected is None or not signatures:
         raise NotVerified(f"{info.ref}: no bundle signature of the recorded ONNX bytes "
                           f"under {home / 'received'}")
-    verify_model_signature(model, signatures[0], sender.signing_key_pem, work)
+    _check_signature(info.ref, model, signatures[0], sender.signing_key_pem, work,
+                     f"the sender's ({site})")
     try:
         statement = json.loads((model / "transfer_statement.json").read_text("utf-8"))
         named = str(statement["onnx_digest"])
@@ -333,12 +335,13 @@ def _verify_own(store: ModelStore, info: VersionInfo, model: Path,
         pem = key.public_bytes(serialization.Encoding.PEM,
                                serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         try:
-            verify_model_signature(model, signed / SIGNATURE_FILE, pem, work)
+            _check_signature(info.ref, model, signed / SIGNATURE_FILE, pem, work,
+                             "this site's")
             break
         except SignatureInvalid as e:
-            errors.append(str(e))
+            errors.append(e)
     else:
-        raise SignatureInvalid(f"{info.ref}: {errors[0] if errors else 'no key'}")
+        raise errors[0] if errors else SignatureInvalid(f"{info.ref}: no key to check with")
     try:
         lineage = Lineage.from_json(json.loads((model / LINEAGE_FILE).read_text("utf-8")))
     except (OSError, ValueError) as e:
@@ -348,6 +351,22 @@ def _verify_own(store: ModelStore, info: VersionInfo, model: Path,
                           f"{lineage.model}/{lineage.version}")
     (model / LINEAGE_FILE).unlink()
     return public_identity(home).site, lineage.onnx_digest
+
+
+def _check_signature(ref: VersionRef, model: Path, signature: Path, key_pem: str,
+                     work: Path, whose: str) -> None:
+    """OpenSSF Model Signing verification, refused in one readable line naming the files
+    that changed."""
+    try:
+        verify_model_signature(model, signature, key_pem, work)
+    except SignatureInvalid as e:
+        text = str(e.__cause__ or e)
+        changed = sorted(set(re.findall(r"[Hh]ash mismatch for \\?'([^'\\]+)", text)))
+        extra = sorted(set(re.findall(r"[Ee]xtra files? [^:]*: ?\[([^\]]*)\]", text)))
+        detail = f" ({', '.join(changed)} changed)" if changed else \
+            f" (unexpected files: {extra[0]})" if extra else ""
+        raise SignatureInvalid(f"{ref}: the signature does not verify with {whose} key over "
+                               f"the files in the registry{detail}") from e
 
 
 def _vocabulary(path: Path) -> Vocabulary:
