@@ -182,7 +182,7 @@ def main() -> int:
     from registry.store import ModelStore, VersionRef
     from registry.vocabulary import select_text
     from transfer.coding import code_file
-    from transfer.deploy import load_verified, parse_stay, session_options
+    from transfer.scoring import load_verified, parse_stay, session_options
 
     stays = [json.loads(line) for line in (data_y / "stays.jsonl").read_text().splitlines()]
     batch_docs = [{"stay_id": s["stay_id"], "sections": s["sections"]}

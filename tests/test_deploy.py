@@ -31,11 +31,11 @@ from passerelle.cli import main
 from passerelle.corpus import manifest_digest
 from registry.store import ModelStore, VersionRef
 from tests.conftest import TEST_OVERRIDE
-from transfer.deploy import parse_stay
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.identity import init_site, load_site
 from transfer.ledger_site import open_ledger
 from transfer.records import RecordKind
+from transfer.scoring import parse_stay
 from transfer.trust import TrustStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deploy")]
@@ -158,7 +158,7 @@ def test_finetuned_version_is_signed_by_y_with_its_lineage(
 
 
 def test_json_lines_say_exactly_what_the_coder_returns(world: World) -> None:
-    from transfer.deploy import load_verified
+    from transfer.scoring import load_verified
 
     coder = load_verified(ModelStore(world.y), VersionRef.parse(OWN))
     stays = [parse_stay(json.loads(line), "t", coder.sections) for line in

@@ -25,7 +25,7 @@ from typing import Any
 
 from passerelle.errors import BadInput
 from registry.store import ModelStore, VersionRef
-from transfer.deploy import Coder, MalformedStay, Stay, check_top_k, load_verified, parse_stay
+from transfer.scoring import Coder, MalformedStay, Stay, check_top_k, load_verified, parse_stay
 
 BATCH = 256
 MAX_INPUT_BYTES = 1 << 30  # 1 GiB of letters

@@ -42,7 +42,7 @@ from typing import Any
 
 from passerelle.errors import BadInput, PasserelleError
 from registry.store import ModelStore, VersionRef
-from transfer.deploy import Coder, MalformedStay, check_top_k, load_verified, parse_stay
+from transfer.scoring import Coder, MalformedStay, check_top_k, load_verified, parse_stay
 
 log = logging.getLogger("passerelle.serve")
 

@@ -16,7 +16,7 @@ from passerelle.cli._common import (
 )
 from registry.store import ModelStore, VersionRef
 from transfer.coding import code_file
-from transfer.deploy import DEFAULT_TOP_K
+from transfer.scoring import DEFAULT_TOP_K
 
 
 def add_to(sub: Subparsers) -> None:

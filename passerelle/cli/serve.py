@@ -18,7 +18,7 @@ from passerelle.cli._common import (
     positive_int,
 )
 from registry.store import ModelStore, VersionRef
-from transfer.deploy import DEFAULT_TOP_K
+from transfer.scoring import DEFAULT_TOP_K
 from transfer.serve import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_STAYS,
