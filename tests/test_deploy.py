@@ -122,6 +122,9 @@ def test_received_version_codes_the_sites_stays(world: World, tmp_path: Path,
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-5
     assert all(c["label"] for c in first)
     assert out.stat().st_mode & 0o077 == 0
+    used = _records(world.y, RecordKind.MODEL_USED)[-1].fields
+    assert (used["use"], used["stays"], used["version"]) == ("predict", len(stays), "1")
+    assert not {"stay_id", "codes"} & set(used)  # counts only
     # the model is better than chance on Y's stays: it codes, it does not guess
     top5 = sum(s["main_diagnosis"] in {c["code"] for c in r["codes"]}
                for s, r in zip(stays, lines, strict=True)) / len(stays)
@@ -227,6 +230,7 @@ def test_tampered_files_in_the_registry_are_refused_at_load(
         path: str) -> None:
     target = _artifact(world.y, ref, path)
     original = target.read_bytes()
+    uses = len(_records(world.y, RecordKind.MODEL_USED))
     try:
         data = bytearray(original)
         data[len(data) // 2] ^= 0x01
@@ -238,6 +242,7 @@ def test_tampered_files_in_the_registry_are_refused_at_load(
         assert not out.exists()
         assert list((world.y / ".receiving").iterdir()) == []
         assert not [p for p in world.y.iterdir() if p.name.startswith(".passerelle-")]
+        assert len(_records(world.y, RecordKind.MODEL_USED)) == uses  # nothing coded
     finally:
         target.write_bytes(original)
 
@@ -350,6 +355,8 @@ def test_server_speaks_mlflow_scoring_protocol_and_refuses_bad_requests(
         {"stay_id": s["stay_id"], "sections": s["sections"]} for s in stays]}, timeout=10)
     assert instances.json()["predictions"] == preds
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    served = _records(world.y, RecordKind.MODEL_USED)[-1].fields
+    assert (served["use"], served["port"], served["version"]) == ("serve", port, "2")
 
     def refused(status: int, **kwargs: Any) -> dict[str, Any]:
         r = requests.post(f"{url}/invocations", timeout=10, **kwargs)

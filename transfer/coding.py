@@ -25,6 +25,8 @@ from typing import Any
 
 from passerelle.errors import BadInput
 from registry.store import ModelStore, VersionRef
+from transfer.acts import Recorder, recorder, subject
+from transfer.records import RecordKind
 from transfer.scoring import Coder, MalformedStay, Stay, check_top_k, load_verified, parse_stay
 
 BATCH = 256
@@ -90,18 +92,32 @@ def code_file(store: ModelStore, ref: VersionRef, data: Path, out: Path,
     check_top_k(top_k)
     check_out(out)
     docs = read_stays(data)
-    coder = load_verified(store, ref)
-    where = data.name
-    stays = [parse_stay(d, f"{where}: stay {i + 1}", coder.sections)
-             for i, d in enumerate(docs)]
-    write_codes(coder, stays, out, top_k, progress)
-    m = coder.model
+    with recorder(store.home) as rec:
+        coder = load_verified(store, ref)
+        where = data.name
+        stays = [parse_stay(d, f"{where}: stay {i + 1}", coder.sections)
+                 for i, d in enumerate(docs)]
+        m = coder.model
+        write_codes(coder, stays, out, top_k, progress, lambda: record_use(
+            rec, coder, "predict", {"stays": len(stays), "top_k": top_k}))
     return Coded(out, len(stays), ref, m.onnx_digest, m.signer, m.origin)
 
 
+def record_use(rec: Recorder, coder: Coder, use: str, fields: dict[str, Any]) -> None:
+    """``model_used``: which verified version coded stays here, how many, how (counts
+    only: never a stay, its id or its codes)."""
+    m = coder.model
+    rec.record(RecordKind.MODEL_USED, subject("onnx", str(m.info.ref), m.onnx_digest),
+               {"model": m.info.ref.name, "version": m.info.ref.version,
+                "onnx_digest": m.onnx_digest, "signed_by": m.signer, "origin": m.origin,
+                "use": use, **fields})
+
+
 def write_codes(coder: Coder, stays: Sequence[Stay], out: Path, top_k: int,
-                progress: Progress | None = None) -> None:
-    """Code ``stays`` in batches and write JSON Lines to ``out`` atomically."""
+                progress: Progress | None = None,
+                before_replace: Callable[[], None] | None = None) -> None:
+    """Code ``stays`` in batches and write JSON Lines to ``out`` atomically;
+    ``before_replace`` (the ledger record) runs before the file is put in place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.absolute().parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -113,6 +129,8 @@ def write_codes(coder: Coder, stays: Sequence[Stay], out: Path, top_k: int,
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)  # codes of patients' stays: as private as the letters
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -81,6 +81,7 @@ class RecordKind(StrEnum):
     MODEL_WITHDRAWN = "model_withdrawn"
     NOTICE_RECEIVED = "notice_received"
     NOTICE_REFUSED = "notice_refused"
+    MODEL_USED = "model_used"
 
     @property
     def predicate_type(self) -> str:

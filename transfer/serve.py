@@ -42,6 +42,8 @@ from typing import Any
 
 from passerelle.errors import BadInput, PasserelleError
 from registry.store import ModelStore, VersionRef
+from transfer.acts import recorder
+from transfer.coding import record_use
 from transfer.scoring import Coder, MalformedStay, check_top_k, load_verified, parse_stay
 
 log = logging.getLogger("passerelle.serve")
@@ -181,6 +183,17 @@ class ScoringServer:
                            f"{e.strerror or e}") from e
         self._httpd.daemon_threads = True
         self._threads: list[threading.Thread] = []
+        coder = self._state.get()[0]
+        store = store_factory()
+        try:
+            with recorder(store.home) as rec:
+                if coder is not None:
+                    record_use(rec, coder, "serve", {
+                        "host": options.host, "port": self.port,
+                        "check_interval": options.check_interval})
+        except BaseException:
+            self._httpd.server_close()
+            raise
 
     @property
     def port(self) -> int:
