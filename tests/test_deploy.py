@@ -145,6 +145,7 @@ def test_finetuned_version_is_signed_by_y_with_its_lineage(
     # anyone checks it with the standard model_signing tool and Y's public key
     model = tmp_path / "model"
     shutil.copytree(_artifact(world.y, OWN, "onnx"), model)
+    (model / "MLmodel").unlink(missing_ok=True)  # MLflow's description, not signed
     shutil.copyfile(_artifact(world.y, OWN, "signed/lineage_statement.json"),
                     model / "lineage_statement.json")
     pub = tmp_path / "y.pub"
@@ -261,6 +262,7 @@ def test_a_re_signed_model_whose_digest_differs_from_the_ledger_is_refused(
         shutil.copyfile(received, onnx_dir / "model.onnx")  # another valid model
         work = tmp_path / "m"
         shutil.copytree(onnx_dir, work)
+        (work / "MLmodel").unlink(missing_ok=True)  # not signed (transfer.deploy)
         lineage = json.loads(_artifact(world.y, OWN, "signed/lineage_statement.json")
                              .read_text())
         (work / "lineage_statement.json").write_bytes(

@@ -55,6 +55,9 @@ LINEAGE_FILE = "lineage_statement.json"
 SIGNATURE_FILE = "model.sig"
 LINEAGE_FORMAT = "passerelle-lineage-statement"
 WITHDRAWN_TAG = TAG + "withdrawn"
+# MLflow's own description of the version (registry.tracking.log_signature), logged beside
+# the model's files; not part of what was signed, never read to code a stay.
+MLFLOW_METADATA = ("MLmodel",)
 
 
 class NotVerified(Refused):
@@ -199,7 +202,7 @@ def sign_local_version(store: ModelStore, info: VersionInfo, rec: Recorder,
         dataset=tags.get(TAG + "dataset_fingerprint"),
         created=(now or datetime.now(UTC)).replace(microsecond=0).isoformat())
     with private_workspace(store.home, ".passerelle-sign-") as work:
-        model = store.download(info, "onnx", work / "dl")
+        model = _model_files(store.download(info, "onnx", work / "dl"))
         if sha256_file(model / ONNX_FILE) != lineage.onnx_digest:
             raise DigestMismatch(f"{info.ref}: the registered model.onnx differs from its tag")
         statement = canonical_json(lineage.to_json())
@@ -250,7 +253,7 @@ def verify_version(store: ModelStore, ref: VersionRef) -> VerifiedModel:
     expected = recorded_onnx_digest(records, ref)
     with private_workspace(home, ".passerelle-verify-") as work:
         try:
-            model = store.download(info, "onnx", work / "dl")               # (3)
+            model = _model_files(store.download(info, "onnx", work / "dl"))  # (3)
         except PasserelleError as e:
             raise NotVerified(f"{ref}: its ONNX files cannot be fetched: {e}") from e
         if not (model / ONNX_FILE).is_file():
@@ -276,6 +279,13 @@ def verify_version(store: ModelStore, ref: VersionRef) -> VerifiedModel:
         vocab = _vocabulary(model / VOCABULARY)
         codes, labels = _labels(model / LABELS)
     return VerifiedModel(info, onnx_bytes, digest, vocab, codes, labels, signer, origin)
+
+
+def _model_files(folder: Path) -> Path:
+    """The downloaded ``onnx/`` folder without MLflow's own metadata file."""
+    for name in MLFLOW_METADATA:
+        (folder / name).unlink(missing_ok=True)
+    return folder
 
 
 def _verify_received(home: Path, info: VersionInfo, model: Path, work: Path,
