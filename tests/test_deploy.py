@@ -141,7 +141,7 @@ def test_finetuned_version_is_signed_by_y_with_its_lineage(
     lineage = json.loads(_artifact(world.y, OWN, "signed/lineage_statement.json").read_text())
     assert lineage["site"] == "CH-Y" and lineage["finetune_record"] == finetune.id
     assert lineage["source"]["received_from"] == "CHU-X"
-    assert lineage["dataset"] == manifest_digest(world.corpus_y)
+    assert lineage["dataset"] == finetune.fields["dataset"]
     # anyone checks it with the standard model_signing tool and Y's public key
     model = tmp_path / "model"
     shutil.copytree(_artifact(world.y, OWN, "onnx"), model)
@@ -503,8 +503,10 @@ def test_lineage_of_the_dataset_lists_every_site_and_status(
     assert rows[("CH-Y", "pmsi-coder", "2")]["status"] == "withdrawn"
     assert rows[("CH-Y", "pmsi-coder", "2")]["derived_from"] == "CH-Y:pmsi-coder/1"
     # Y's dataset: only the version fine-tuned on it
-    code, doc, err = _run(capsys, "records", "lineage", "--dataset",
-                          manifest_digest(world.corpus_y), "--home", str(world.y))
+    y_dataset = next(r for r in _records(world.y, RecordKind.FINETUNE)
+                     if r.fields.get("outcome") == "finished").fields["dataset"]
+    code, doc, err = _run(capsys, "records", "lineage", "--dataset", y_dataset,
+                          "--home", str(world.y))
     assert code == 0, err
     assert [(v["site"], v["version"]) for v in doc["versions"]] == [("CH-Y", "2")]
     # without Y's export, X knows only that it sent the version to CH-Y

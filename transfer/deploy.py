@@ -98,6 +98,11 @@ def withdrawn_versions(records: Iterable[Record]) -> dict[VersionRef, str]:
     return out
 
 
+def finished(record: Record) -> bool:
+    """A ``finetune`` record of a run that registered a version (not failed/interrupted)."""
+    return bool(record.fields.get("outcome", "finished") == "finished")
+
+
 def recorded_onnx_digest(records: Iterable[Record], ref: VersionRef) -> str | None:
     """The ONNX digest this site's ledger recorded when the version was registered."""
     found = None
@@ -105,7 +110,7 @@ def recorded_onnx_digest(records: Iterable[Record], ref: VersionRef) -> str | No
         f = r.fields
         local = ((f.get("local_model"), f.get("local_version"))
                  if r.kind is RecordKind.BUNDLE_RECEIVED else (f.get("model"), f.get("version"))
-                 if r.kind is RecordKind.FINETUNE else None)
+                 if r.kind is RecordKind.FINETUNE and finished(r) else None)
         if local == (ref.name, ref.version):
             found = f.get("onnx_digest")
     return found if isinstance(found, str) else None

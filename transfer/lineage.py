@@ -16,6 +16,7 @@ this site's trust store). A version is a node ``(site, model, version)``; edges:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from passerelle.errors import BadInput, Refused
 from registry.store import VersionRef
-from transfer.deploy import site_records
+from transfer.deploy import finished, site_records
 from transfer.identity import public_identity
 from transfer.ledger import read_export, verify_records
 from transfer.ledger_site import peer_keys
@@ -64,7 +65,7 @@ class _Graph:
                 if isinstance(f.get("dataset_fingerprint"), str) and f["dataset_fingerprint"]:
                     self.add(f"dataset:{f['dataset_fingerprint']}",
                              (s, f["model"], f["version"]), "trained on the dataset")
-            elif r.kind is RecordKind.FINETUNE and _strs(f, "model", "version"):
+            elif r.kind is RecordKind.FINETUNE and finished(r) and _strs(f, "model", "version"):
                 child = (s, f["model"], f["version"])
                 if isinstance(f.get("dataset"), str):
                     self.add(f"dataset:{f['dataset']}", child, "fine-tuned on the dataset")
@@ -138,8 +139,9 @@ def lineage(home: Path, dataset: str | None = None, model: VersionRef | None = N
     version of this site's registry), itself included, with its site and status."""
     if (dataset is None) == (model is None):
         raise BadInput("name exactly one of --dataset DIGEST or --model NAME/VERSION")
-    if dataset is not None and not (dataset.startswith("sha256:") and len(dataset) == 71):
-        raise BadInput(f"{dataset!r} is not a dataset fingerprint (sha256:<64 hex digits>)")
+    if dataset is not None and not re.fullmatch(r"(sha256|hmac):[0-9a-f]{64}", dataset):
+        raise BadInput(f"{dataset!r} is not a dataset fingerprint (sha256:<64 hex digits>, or "
+                       "hmac:<64 hex digits> as this site's keyed dataset digests are)")
     own = site_records(home, url)
     if not own and not peers:
         raise Refused("this home has no ledger to answer from (run `passerelle site init`)")

@@ -44,7 +44,7 @@ from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import BadInput, Refused
 from registry.store import TAG, ModelStore, VersionRef
 from transfer.acts import Recorder, recorder, subject
-from transfer.deploy import WITHDRAWN_TAG, site_records, withdrawn_versions
+from transfer.deploy import WITHDRAWN_TAG, finished, site_records, withdrawn_versions
 from transfer.errors import Expired, NotAddressedToUs, Rollback
 from transfer.identity import load_site, sign, verify
 from transfer.records import Record, RecordKind
@@ -131,7 +131,7 @@ def derived_versions(store: ModelStore, records: Sequence[Record],
     ledger's ``finetune`` records and the versions' ``finetuned_from`` tags)."""
     children: dict[VersionRef, set[VersionRef]] = {}
     for r in records:
-        if r.kind is RecordKind.FINETUNE:
+        if r.kind is RecordKind.FINETUNE and finished(r):
             f = r.fields
             if all(isinstance(f.get(k), str) for k in ("model", "version", "source_version")):
                 children.setdefault(VersionRef(f["model"], f["source_version"]), set()).add(
