@@ -80,6 +80,7 @@ from registry.store import TAG, ModelStore, PrivacyUnit, VersionInfo, VersionRef
 from registry.tracking import finetune_metrics
 from registry.vocabulary import Vocabulary, select_text
 from transfer.acts import subject
+from transfer.deploy import sign_local_version
 from transfer.pseudonym import keyed_fraction_with, site_key
 from transfer.records import RecordKind
 
@@ -421,7 +422,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
 
             def on_registered(version: VersionInfo) -> None:  # (8) the finished record
                 onnx_digest = version.tags.get(TAG + "onnx_digest")
-                rec.record(RecordKind.FINETUNE,
+                finished = rec.record(RecordKind.FINETUNE,
                            subject("onnx", str(version.ref), onnx_digest)
                            + subject("dataset", str(data.name), None),
                            {**base, "outcome": "finished", "version": version.ref.version,
@@ -429,6 +430,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                             "accuracy_before": result.accuracy_before,
                             "accuracy_after": result.accuracy_after,
                             "accuracy_scope": ACCURACY_SCOPE})
+                sign_local_version(store, version, rec, finished)  # Y signs what it makes
 
             # registration of the fine-tuned version
             version = store.register_received(out, ref.name, tags, on_registered,

@@ -77,6 +77,11 @@ class RecordKind(StrEnum):
     TRUST_ROTATED = "trust_rotated"
     SITE_POLICY_CHANGED = "site_policy_changed"
     PSEUDONYM_KEY_CREATED = "pseudonym_key_created"
+    MODEL_SIGNED = "model_signed"
+    MODEL_WITHDRAWN = "model_withdrawn"
+    NOTICE_RECEIVED = "notice_received"
+    NOTICE_REFUSED = "notice_refused"
+    MODEL_USED = "model_used"
 
     @property
     def predicate_type(self) -> str:

@@ -136,6 +136,10 @@ KEYS: Mapping[str, Key] = MappingProxyType({k.name: k for k in (
     # -- the memorisation audit (registry/audit) ---------------------------------------
     Key("audit.policy_sha256", "", digest_or_unset(),
         "digest of the audit policy file this site pins (empty: the shipped default)"),
+    # -- deployment (transfer/serve.py) ------------------------------------------------
+    Key("deploy.check_interval_seconds", 30, integer(1, 600),
+        "longest time a running `serve` goes without checking its model again (a "
+        "withdrawal takes effect within it); --check-interval may only shorten it"),
 )})
 
 

@@ -18,14 +18,18 @@ from passerelle.cli import (
     demo,
     finetune,
     model,
+    notice,
+    predict,
     records,
     report,
+    serve,
     site,
     trust,
 )
 from passerelle.errors import PasserelleError
 
-_GROUPS = (data, model, site, trust, bundle, finetune, demo, records, report)
+_GROUPS = (data, model, site, trust, bundle, notice, finetune, predict, serve, demo, records,
+           report)
 
 
 def build_parser() -> _common.Parser:

@@ -22,17 +22,21 @@ from passerelle.cli._common import (
     positive_int,
     progress_bar,
 )
-from passerelle.errors import BadInput
+from passerelle.corpus import manifest_digest
+from passerelle.errors import BadInput, Refused
 from registry.audit.policy import load_policy
 from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig
 from registry.store import ModelStore, VersionRef
+from transfer.coding import code_file
 from transfer.dossier import write_dossier
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.identity import PublicIdentity, init_site
 from transfer.ledger_site import open_ledger, verify_site
+from transfer.lineage import lineage
 from transfer.report import write_report
 from transfer.trust import TrustStore
+from transfer.withdrawal import receive_notice, withdraw_version
 
 MODEL_NAME = "pmsi-coder"
 SITE_X, SITE_Y = "CHU-X", "CH-Y"
@@ -52,8 +56,10 @@ def add_to(sub: Subparsers) -> None:
         "WORKDIR/site-x); audit it for memorised patient data (membership inference,\n"
         "canaries, identifier scan); export it to ONNX through the gate; sign and encrypt\n"
         "it for site Y, which verifies and registers it (WORKDIR/site-y); fine-tune it at Y\n"
-        "on Y's stays under DP-SGD (patient level, epsilon 3, delta 1e-5); then check both\n"
-        "sites' ledgers against each other and write each site's report.\n"
+        "on Y's stays under DP-SGD (patient level, epsilon 3, delta 1e-5); Y codes a\n"
+        "sample of its stays with the fine-tuned version; X withdraws version 1 and Y's\n"
+        "derived version is refused; then check both sites' ledgers against each other,\n"
+        "write each site's report and list the lineage of X's dataset.\n"
         "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).\n"
         "--home is not used: each simulated site has its home under WORKDIR.",
     )
@@ -101,7 +107,8 @@ def demo(args: argparse.Namespace) -> int:
     plan: list[tuple[str, Callable[[_Run], str]]] = [
         ("generate", _generate), ("sites", _sites), ("train", _train),
         ("register", _register), ("audit", _audit), ("export", _export),
-        ("transfer", _transfer), ("finetune", _finetune), ("ledgers", _ledgers),
+        ("transfer", _transfer), ("finetune", _finetune), ("predict", _predict),
+        ("withdraw", _withdraw), ("ledgers", _ledgers), ("lineage", _lineage),
     ]
     for number, (name, step) in enumerate(plan, start=1):
         t = time.perf_counter()
@@ -230,6 +237,76 @@ def _finetune(run: _Run) -> str:
             f"charged; exact, outside the DP guarantee) {r.accuracy_before:.1%} → "
             f"{r.accuracy_after:.1%}; registered as {r.version.ref}; budget spent by its most "
             f"charged patient {r.budget.epsilon:.3f} of {r.budget_cap:g}")
+
+
+PREDICT_SAMPLE = 500
+
+
+def _predict(run: _Run) -> str:
+    """Y codes new stays with the fine-tuned version (checked before loading)."""
+    ref = VersionRef.parse(run.summary["finetune"]["version"])
+    new_stays = run.work / "data" / "site-y-new"  # stays that came after the fine-tuning
+    steps.generate_corpus("Y", PREDICT_SAMPLE, run.args.seed + 2, 0, new_stays)
+    out = run.work / "coding" / "codes.jsonl"
+    out.parent.mkdir()
+    coded = code_file(ModelStore(run.home_y), ref, new_stays, out, 5)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    docs = [json.loads(line) for line in
+            (new_stays / "stays.jsonl").read_text(encoding="utf-8").splitlines()]
+    truth = [d["main_diagnosis"] for d in docs]
+    top1 = sum(r["codes"][0]["code"] == t for r, t in zip(rows, truth, strict=True))
+    top5 = sum(t in {c["code"] for c in r["codes"]} for r, t in zip(rows, truth, strict=True))
+    first = rows[0]["codes"][0]
+    run.summary["predict"] = {"version": str(ref), "stays": coded.stays, "out": str(out),
+                              "data": str(new_stays),
+                              "top1": top1 / len(rows), "top5": top5 / len(rows),
+                              "signed_by": coded.signer}
+    return (f"{SITE_Y} coded {coded.stays} new stays ({new_stays}) with {ref} (signature "
+            f"by {coded.signer}, ONNX digest and withdrawal status checked before loading) "
+            f"into {out}: the coded main diagnosis is the top suggestion for "
+            f"{top1 / len(rows):.1%} and in the top 5 for {top5 / len(rows):.1%}; first "
+            f"stay: {first['code']} {first['label'][:40]} (p = {first['probability']:.2f})")
+
+
+def _withdraw(run: _Run) -> str:
+    """X withdraws version 1; Y applies the notice; Y's derived version is refused."""
+    source = _ref(run)
+    notice = run.work / "transfer" / f"{MODEL_NAME}-v{source.version}.withdrawal"
+    withdrawal = withdraw_version(ModelStore(run.home_x), source,
+                                  "demo: memorisation found after transfer", notice)
+    applied = receive_notice(run.home_y, notice)
+    derived = VersionRef.parse(run.summary["finetune"]["version"])
+    try:
+        code_file(ModelStore(run.home_y), derived, Path(run.summary["predict"]["data"]),
+                  run.work / "coding" / "after-withdrawal.jsonl", 5)
+    except Refused as e:
+        refusal = str(e)
+    else:  # pragma: no cover - the demo would be lying
+        raise RuntimeError(f"{derived} was still usable after its withdrawal")
+    run.summary["withdrawal"] = {"notice": str(notice),
+                                 "withdrawn_at_x": [str(v) for v in withdrawal.withdrawn],
+                                 "withdrawn_at_y": [str(v) for v in applied.withdrawn],
+                                 "predict_refused": refusal}
+    return (f"{SITE_X} withdrew {source} and sent a signed notice ({notice}); {SITE_Y} "
+            f"verified it and withdrew {', '.join(str(v) for v in applied.withdrawn)}; "
+            f"`predict {derived}` at {SITE_Y} is now refused: error: {refusal}")
+
+
+def _lineage(run: _Run) -> str:
+    dataset = manifest_digest(run.data_x)
+    exports = run.summary["ledgers"]["exports"]
+    found = lineage(run.home_x, dataset=dataset, peers=[Path(exports[run.home_y.name])])
+    run.summary["lineage"] = {"dataset": dataset, "versions": [d.to_json() for d in found]}
+    if not run.args.json:
+        table = Table(title=f"records lineage --dataset {dataset[:23]}… (at {SITE_X}, with "
+                      f"{SITE_Y}'s export)")
+        for col in ("site", "model", "version", "status", "how"):
+            table.add_column(col)
+        for d in found:
+            table.add_row(d.site, d.model, d.version, d.status, d.how)
+        console.print(table)
+    return (f"{len(found)} model versions derive from {SITE_X}'s dataset: "
+            + "; ".join(f"{d.site} {d.model}/{d.version} ({d.status})" for d in found))
 
 
 def _ledgers(run: _Run) -> str:

@@ -36,6 +36,7 @@ def add_to(sub: Subparsers) -> None:
     _add_register(group)
     _add_audit(group)
     _add_export(group)
+    _add_withdraw(group)
 
 
 def _add_train(group: Subparsers) -> None:
@@ -134,6 +135,37 @@ def _add_export(group: Subparsers) -> None:
                    help="export without a PASS verdict (needs --approver and --justification)")
     p.add_argument("--approver", metavar="NAME")
     p.add_argument("--justification", metavar="TEXT")
+
+
+def _add_withdraw(group: Subparsers) -> None:
+    p = add_command(
+        group, "withdraw", withdraw, "withdraw a version here and at the sites it was sent to",
+        "Mark NAME/VERSION and every version of this site derived from it withdrawn (MLflow\n"
+        "tags passerelle.withdrawn*, a model_withdrawn record): `predict` and `serve` refuse\n"
+        "them, and a running server stops serving them at its next check. If the version\n"
+        "was sent (bundle create), --out FILE is required: a withdrawal notice signed with\n"
+        "this site's key for its recipients, who apply it with `passerelle notice receive`.")
+    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("--reason", required=True, metavar="TEXT",
+                   help="why (one line, at most 500 characters; it travels in the notice)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="the withdrawal notice to write (required when the version was "
+                   "sent; must not exist)")
+
+
+def withdraw(args: argparse.Namespace) -> int:
+    from transfer.withdrawal import withdraw_version
+
+    result = withdraw_version(ModelStore(home_of(args)), VersionRef.parse(args.ref),
+                              args.reason, args.out)
+    doc = {"withdrawn": [str(v) for v in result.withdrawn],
+           "notice": None if result.notice is None else str(result.notice),
+           "recipients": list(result.recipients), "record": result.record}
+    emit(args, doc, lambda: console.print(
+        f"withdrawn: {', '.join(str(v) for v in result.withdrawn)}"
+        + (f"; notice for {', '.join(result.recipients)} in {result.notice}"
+           if result.notice else "")))
+    return 0
 
 
 def train(args: argparse.Namespace) -> int:

@@ -73,6 +73,17 @@ def add_to(sub: Subparsers) -> None:
         "its DSSE envelope inside; a PDF carries it beside it, in FILE.pdf.dsse.json.\n"
         "Exit 1 if it does not verify.")
     p.add_argument("file", type=Path, metavar="FILE", help="the report (.html or .pdf)")
+    p = command(
+        "lineage", lineage, "versions derived from a dataset or a model, at every site",
+        "From this site's ledger and its peers' exports (--peer, signatures checked with\n"
+        "their pinned keys): every model version derived from the dataset (a corpus\n"
+        "fingerprint, as model provenance records it) or from this site's NAME/VERSION\n"
+        "(trained, received, fine-tuned from), at which site, active or withdrawn.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--dataset", metavar="DIGEST", help="a dataset fingerprint sha256:<hex>")
+    which.add_argument("--model", metavar="NAME/VERSION", help="a version of this site")
+    p.add_argument("--peer", type=Path, action="append", default=[], metavar="FILE",
+                   help="a peer site's `records export` (repeatable; default none)")
 
 
 def list_(args: argparse.Namespace) -> int:
@@ -138,6 +149,27 @@ def export(args: argparse.Namespace) -> int:
         count = ledger.export(args.out)
     doc = {"out": str(args.out), "records": count}
     emit(args, doc, lambda: console.print(f"{count} records written to {args.out}"))
+    return 0
+
+
+def lineage(args: argparse.Namespace) -> int:
+    from registry.store import VersionRef
+    from transfer.lineage import lineage as find_lineage
+
+    model = VersionRef.parse(args.model) if args.model else None
+    found = find_lineage(home_of(args), args.dataset, model, args.peer, args.ledger_url)
+    doc = {"dataset": args.dataset, "model": args.model,
+           "versions": [d.to_json() for d in found]}
+
+    def human() -> None:
+        table = Table(title=f"derived from {args.dataset or args.model}")
+        for col in ("site", "model", "version", "status", "how", "from"):
+            table.add_column(col)
+        for d in found:
+            table.add_row(d.site, d.model, d.version, d.status, d.how, d.derived_from or "")
+        console.print(table)
+
+    emit(args, doc, human)
     return 0
 
 
