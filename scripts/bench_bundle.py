@@ -63,6 +63,9 @@ def write_big_onnx(path: Path, size: int) -> None:
     tensor_len = len(tensor_head) + len(raw_head) + size
     shape = _field(2, _field(1, _vfield(1, size // 4)))  # TensorShapeProto, one dim
     value_info = _field(12, _field(1, b"y") + _field(2, _field(1, _vfield(1, 1) + shape)))
+    # an (unused) graph input, so that MLflow can make a signature of the model
+    value_info += _field(11, _field(1, b"x") + _field(2, _field(1, _vfield(1, 1) + _field(
+        2, _field(1, _vfield(1, 1))))))
     graph_body_len = (len(_field(1, node)) + len(_field(2, b"big")) +
                       len(_varint(5 << 3 | 2)) + len(_varint(tensor_len)) + tensor_len +
                       len(value_info))
