@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +22,20 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from passerelle.errors import BadInput, ModelNotFound, RegistryError
+from passerelle.errors import BadInput, ModelNotFound, Refused, RegistryError
 from registry.model_dir import ModelDir
 
 EXPERIMENT = "passerelle"
 TAG = "passerelle."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# SENDER.MODEL (transfer.exchange.received_name): a site name (64) and a model name (128)
+_RECEIVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,192}$")
+RECEIVE_TAG = TAG + "receive"  # on the run of a received model: the local name
+
+
+class NameTaken(Refused):
+    """A registered model name that holds another model (received models are never
+    merged into a local model, nor local ones into a received model)."""
 
 
 class PrivacyUnit(StrEnum):
@@ -75,7 +84,7 @@ class VersionRef:
     @classmethod
     def parse(cls, text: str) -> VersionRef:
         name, sep, version = text.rpartition("/")
-        if not sep or not _NAME.match(name) or not version.isdigit():
+        if not sep or not _RECEIVED_NAME.match(name) or not version.isdigit():
             raise BadInput(f"{text!r} is not NAME/VERSION (e.g. pmsi-coder/1)")
         return cls(name, str(int(version)))
 
@@ -102,14 +111,28 @@ class ModelStore:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         # MLflow prints run links on stdout for HTTP stores, which would break --json.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        from mlflow import MlflowClient
-
-        # MLflow sets its loggers up when imported; quiet them after that.
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self._client_cache: Any = None
         self._experiment_id: str | None = None
+
+    @property
+    def _client(self) -> Any:
+        """The MlflowClient, made on first use: MLflow (~180 MB resident) is imported
+        only by commands that reach the registry, after their own checks."""
+        if self._client_cache is None:
+            from mlflow import MlflowClient
+
+            # MLflow sets its loggers up when imported; quiet them after that.
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            if self.uri.startswith("sqlite:") and self.home.is_dir():
+                # Two first commands on a fresh home would both create MLflow's schema
+                # (and one fail): create it under the home's lock.
+                with _home_lock(self.home), _store_errors(self.uri):
+                    client.search_experiments(max_results=1)
+                    client.search_registered_models(max_results=1)
+            self._client_cache = client
+        return self._client_cache
 
     @property
     def client(self) -> Any:
@@ -159,28 +182,127 @@ class ModelStore:
     def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
                           on_registered: Callable[[VersionInfo], None] | None = None,
                           run_name: str | None = None,
-                          metrics: Mapping[str, float] | None = None) -> VersionInfo:
-        """Register a model received from another site (or fine-tuned here): a new run
-        logging ``model_dir`` under ``onnx/`` and a new version of ``name`` carrying
-        ``tags`` (its lineage) and ``metrics`` on its run. The run is named after what
-        happened (see :func:`registry.tracking.run_name`). Undone entirely on any failure, as
-        :meth:`register`."""
+                          metrics: Mapping[str, float] | None = None, *,
+                          sender: str | None = None, source_model: str | None = None,
+                          receiver: str = "") -> VersionInfo:
+        """Register a model received from ``sender``: a new run logging ``model_dir``
+        under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage) and
+        ``metrics`` on its run, named after what happened
+        (:func:`registry.tracking.run_name`).
+
+        ``name`` must be free or already hold models received from that sender under
+        that source name (:meth:`check_received_name`). The run is tagged
+        ``passerelle.receive`` (``receiver`` and ``name``: the receiving site's
+        fingerprint, as a registry may be shared) so that a killed receive's leftovers
+        can be found (:meth:`clean_received`). Undone entirely on any failure, as :meth:`register`.
+        Without ``sender`` (a model derived here from a received one, e.g. fine-tuned),
+        a new version of ``name`` with ``tags``, nothing more.
+        """
         from registry.tracking import run_name as name_of
 
-        return self._new_version(name, run_name or name_of(name, tags, TAG), model_dir,
-                                 "onnx", dict(tags), {}, on_registered, metrics)
+        title = run_name or name_of(name, tags, TAG)
+        if sender is None or source_model is None:
+            return self._new_version(name, title, model_dir, "onnx", dict(tags), {},
+                                     on_registered, metrics, model_tags={},
+                                     name_pattern=_RECEIVED_NAME)
+        self.check_received_name(name, sender, source_model)
+        return self._new_version(
+            name, title, model_dir, "onnx", dict(tags), {}, on_registered, metrics,
+            run_tags={RECEIVE_TAG: f"{receiver} {name}"},
+            model_tags={TAG + "received_from": sender, TAG + "source_model": source_model},
+            name_pattern=_RECEIVED_NAME)
+
+    def check_received_name(self, name: str, sender: str, source_model: str) -> None:
+        """Refuse to put a received model under a name that holds something else."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _store_errors(self.uri, passthrough=(MlflowException,)):
+                model = self._client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return
+            raise RegistryError(f"model registry at {self.display_uri}: {e.message}") from e
+        tags = dict(model.tags)
+        if tags.get(TAG + "received_from") != sender or \
+                tags.get(TAG + "source_model") != source_model:
+            raise NameTaken(f"registered model {name!r} is not {source_model!r} received "
+                            f"from {sender!r}; the received model is not merged into it")
+
+    def received_versions(self, name: str, bundle_digest: str) -> list[VersionInfo]:
+        """The versions of ``name`` registered from the bundle with this file digest."""
+        return [v for v in self._version_infos(name)
+                if v.tags.get(TAG + "bundle_digest") == bundle_digest]
+
+    def clean_received(self, name: str, keep: Callable[[VersionInfo], bool],
+                       receiver: str = "") -> list[str]:
+        """Remove what killed receives of ``name`` left: versions made by a receive for
+        which ``keep`` is false (no ledger record), and receive runs without a version,
+        with their artifacts (the plaintext model). Returns what was removed."""
+        removed = []
+        linked = set()
+        for info in self._version_infos(name):
+            if TAG + "bundle_digest" in info.tags and \
+                    self._receive_run(info.run_id, f"{receiver} {name}") and not keep(info):
+                with _store_errors(self.uri):
+                    self._client.delete_model_version(name, info.ref.version)
+                self._drop_run(info.run_id)
+                removed.append(f"version {info.ref}")
+            else:
+                linked.add(info.run_id)
+        with _store_errors(self.uri):
+            runs = self._client.search_runs(
+                [self._experiment()],
+                filter_string=f"tags.`{RECEIVE_TAG}` = '{receiver} {name}'")
+        for run in runs:
+            if run.info.run_id not in linked:
+                self._drop_run(run.info.run_id)
+                removed.append(f"run {run.info.run_id}")
+        return removed
+
+    def _version_infos(self, name: str) -> list[VersionInfo]:
+        with _store_errors(self.uri):
+            found = self._client.search_model_versions(f"name = '{name}'")
+        return [VersionInfo(VersionRef(name, str(v.version)), str(v.run_id), str(v.source),
+                            dict(v.tags)) for v in found]
+
+    def _receive_run(self, run_id: str, mark: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _store_errors(self.uri, passthrough=(MlflowException,)):
+                run = self._client.get_run(run_id)
+        except MlflowException:
+            return False  # not ours to judge: kept
+        return bool(run.data.tags.get(RECEIVE_TAG) == mark)
+
+    def _drop_run(self, run_id: str) -> None:
+        """Delete a run and, for a local artifact store, its artifacts (delete_run alone
+        only marks the run deleted and keeps the files)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _store_errors(self.uri, passthrough=(MlflowException,)):
+                uri = str(self._client.get_run(run_id).info.artifact_uri)
+                self._client.delete_run(run_id)
+        except MlflowException:
+            return
+        _remove_local_artifacts(uri)
 
     def _new_version(
         self, name: str, run_name: str, local_dir: Path, artifact_path: str,
         tags: Mapping[str, str], params: Mapping[str, str],
         on_registered: Callable[[VersionInfo], None] | None,
         metrics: Mapping[str, float] | None = None,
+        run_tags: Mapping[str, str] | None = None,
+        model_tags: Mapping[str, str] | None = None,
+        name_pattern: re.Pattern[str] | None = None,
     ) -> VersionInfo:
         """One run holding ``local_dir`` under ``artifact_path`` (with an ``MLmodel`` file
         giving its signature), one new version of ``name``."""
         from registry.tracking import log_signature
 
-        if not _NAME.match(name):
+        if not (name_pattern or _NAME).match(name):
             raise BadInput(f"{name!r} is not a valid model name (letters, digits, . _ -)")
         from mlflow.exceptions import MlflowException
 
@@ -191,9 +313,9 @@ class ModelStore:
         version: str | None = None
         try:
             with _store_errors(self.uri):
-                run = client.create_run(experiment, run_name=run_name)
+                run = client.create_run(experiment, run_name=run_name, tags=dict(run_tags or {}))
                 run_id = run.info.run_id
-                client.log_artifacts(run_id, str(local_dir), artifact_path)
+                _log_artifacts(client, run, local_dir, artifact_path)
                 log_signature(client, run_id, local_dir, artifact_path, run_name)
                 for key, value in params.items():
                     client.log_param(run_id, key, value)
@@ -204,8 +326,14 @@ class ModelStore:
                 except MlflowException as e:
                     if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                         raise
-                    client.create_registered_model(name)
+                    client.create_registered_model(name, tags=dict(model_tags or {}))
                     created_model = True
+                else:
+                    if model_tags is None and TAG + "received_from" in \
+                            client.get_registered_model(name).tags:
+                        raise NameTaken(f"registered model {name!r} holds models received "
+                                        "from another site; a local model is not merged "
+                                        "into it")
                 mv = client.create_model_version(
                     name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
                     tags=dict(tags))
@@ -227,7 +355,7 @@ class ModelStore:
             if model_name is not None:
                 self._client.delete_registered_model(model_name)
             if run_id is not None:
-                self._client.delete_run(run_id)
+                self._drop_run(run_id)
         except Exception:  # noqa: S110 - best effort; the original error is re-raised
             pass
 
@@ -282,6 +410,44 @@ class ModelStore:
         with _store_errors(self.uri):
             found = self._client.search_model_versions(f"name = '{name}'")
         return sorted((str(v.version) for v in found), key=int)
+
+
+def _log_artifacts(client: Any, run: Any, local_dir: Path, artifact_path: str) -> None:
+    """``log_artifacts``, except into a local artifact folder on the same file system,
+    where the files are hard-linked (the same bytes, no second copy of a large model)."""
+    from urllib.parse import unquote, urlparse
+
+    uri = urlparse(str(run.info.artifact_uri))
+    if uri.scheme == "file" and all(p.is_file() for p in local_dir.iterdir()):
+        target = Path(unquote(uri.path)) / artifact_path
+        try:
+            target.mkdir(parents=True, exist_ok=False)
+            for src in sorted(local_dir.iterdir()):
+                os.link(src, target / src.name)
+            return
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+    client.log_artifacts(run.info.run_id, str(local_dir), artifact_path)
+
+
+def _remove_local_artifacts(artifact_uri: str) -> None:
+    from urllib.parse import unquote, urlparse
+
+    uri = urlparse(artifact_uri)
+    if uri.scheme == "file" and uri.path:
+        shutil.rmtree(unquote(uri.path), ignore_errors=True)
+
+
+@contextmanager
+def _home_lock(home: Path) -> Iterator[None]:
+    import fcntl
+
+    with (home / ".mlflow.lock").open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _run_params(model_dir: ModelDir) -> dict[str, str]:

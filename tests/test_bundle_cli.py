@@ -41,6 +41,10 @@ def test_model_travels_from_x_to_y_through_the_cli(
                         "--out", str(tmp_path / "early.bundle"), "--home", hx)
     assert code == 1 and "may not leave this site" in err
     assert not (tmp_path / "early.bundle").exists()
+    # refused before converting: no ONNX export was logged on the version
+    assert "passerelle.onnx_digest" not in store_x.get(info.ref).tags
+    assert store_x.client.list_artifacts(info.run_id, "onnx") == []
+    assert list(tmp_path.glob(".early.bundle-*")) == []
     steps.export_model(store_x, info.ref, tmp_path / "export", TEST_OVERRIDE)
 
     code, _, err = _run(capsys, "bundle", "create", "pmsi-coder/1", "--to", "NOWHERE",
@@ -75,12 +79,15 @@ def test_model_travels_from_x_to_y_through_the_cli(
         "model.onnx", "vocabulary.json", "labels.json", "model_card.json",
         "transfer_statement.json"}
     store_y = ModelStore(Path(hy))
-    assert store_y.get(VersionRef("pmsi-coder", "1")).tags["passerelle.received_from"] == "X"
+    # Registered under a name that shows the sender, never merged into a local model.
+    assert received["model"] == "X.pmsi-coder"
+    assert store_y.get(VersionRef("X.pmsi-coder", "1")).tags["passerelle.received_from"] == "X"
 
-    # Replaying the same bundle is a rollback; exit 1, one line, nothing new registered.
-    code, _, err = _run(capsys, "bundle", "receive", str(bundle), "--home", hy)
-    assert code == 1 and err.startswith("error:") and "not newer" in err
-    assert store_y.versions("pmsi-coder") == ["1"]
+    # Receiving the same bundle again is a no-op that says so: exit 0, nothing new.
+    code, again, err = _run(capsys, "bundle", "receive", str(bundle), "--home", hy)
+    assert code == 0 and again["already_received"] is True and again["version"] == "1"
+    assert store_y.versions("X.pmsi-coder") == ["1"]
+    assert [m.name for m in store_y.client.search_registered_models()] == ["X.pmsi-coder"]
 
     # A second version, exported on an override: its sequence number follows.
     info2 = steps.register_model(store_x, keras_model.out_dir, "pmsi-coder",

@@ -173,14 +173,20 @@ def test_rollback_is_refused(sites: tuple[Site, Site, Site], tmp_path: Path,
     old = forge(tmp_path / "v1", x, [y], ship, version="1", sequence=1)
     new = forge(tmp_path / "v2", x, [y], ship, version="2", sequence=2)
     older_version = forge(tmp_path / "v1s3", x, [y], ship, version="1", sequence=3)
+    other_copy = forge(tmp_path / "v2b", x, [y], ship, version="2", sequence=2)
     received = receive_bundle(new, y.home, registry, now=NOW, identity=y.identity)
     assert_no_plaintext(y.home, registry_empty=False)
     before = registered(registry)
-    for bundle in (old, new, older_version):  # older sequence, replay, older version
+    # older sequence, another bundle with the same sequence, older version
+    for bundle in (old, other_copy, older_version):
         with pytest.raises(Rollback, match="not newer"):
             receive_bundle(bundle, y.home, registry, now=NOW, identity=y.identity)
         assert registered(registry) == before
         assert list((y.home / ".receiving").iterdir()) == []
+    # the very bundle again: a no-op that says so, nothing registered twice
+    again = receive_bundle(new, y.home, registry, now=NOW, identity=y.identity)
+    assert again.already and again.version.ref == received.version.ref
+    assert registered(registry) == before
     assert [p.name for p in received.directory.parent.iterdir()] == ["2-2"]
 
 

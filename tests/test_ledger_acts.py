@@ -70,8 +70,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     steps.export_model(store, info.ref, root / "export", override)
     created = create_bundle(x, store, info.ref, ["Y"], root / "coder.bundle")
     received = receive_bundle(created.path, y, ModelStore(y))
+    again = receive_bundle(created.path, y, ModelStore(y))  # the very bundle: a no-op
+    assert again.already and again.version.ref == received.version.ref
+    replay = root / "replay.bundle"  # another copy of that transfer (its last byte changed)
+    data = bytearray(created.path.read_bytes())
+    data[-1] ^= 1
+    replay.write_bytes(bytes(data))
     with pytest.raises(Rollback):  # a replay: refused, and recorded with its reason
-        receive_bundle(created.path, y, ModelStore(y))
+        receive_bundle(replay, y, ModelStore(y))
     return World(root, x, y, info.ref, audit.verdict, created, received)
 
 

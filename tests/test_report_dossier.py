@@ -74,7 +74,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     steps.export_model(store, info.ref, root / "export", Override(APPROVER, JUSTIFICATION))
     created = create_bundle(x, store, info.ref, ["Y"], root / "coder.bundle")
     received = receive_bundle(created.path, y, ModelStore(y))
-    assert main(["bundle", "receive", str(created.path), "--home", str(y)]) == 1  # replay
+    assert main(["bundle", "receive", str(created.path), "--home", str(y)]) == 0  # a no-op
+    replay = root / "replay.bundle"  # another copy of that transfer (its last byte changed)
+    data = bytearray(created.path.read_bytes())
+    data[-1] ^= 1
+    replay.write_bytes(bytes(data))
+    assert main(["bundle", "receive", str(replay), "--home", str(y)]) == 1  # replay
     options = steps.finetune_options(epsilon=3.0, delta=1e-5, epochs=2, expected_batch_size=32,
                                      drop_unknown_codes=True, noise_seed=1)
     tuned = steps.finetune_model(ModelStore(y), received.version.ref, corpus_y, options,
@@ -224,7 +229,7 @@ def test_dp_runs_show_pld_and_rdp_rounded_up_with_delta_unit_noise_q_steps_accur
     assert up(f["epsilon"]) in cells and up(f["epsilon_rdp"]) in cells
     assert float(up(f["epsilon"])) >= f["epsilon"]
     assert "0.00001" in cells and str(f["steps"]) in cells
-    assert f"{MODEL}/{world.tuned.version} ← {MODEL}/{world.received.version}" in dp
+    assert f"{world.tuned} ← {world.received}" in dp  # received as X.pmsi-coder
     assert "→" in dp and "completed" in dp
     assert dp.count('<img class="curve"') == 1
 

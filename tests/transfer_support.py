@@ -198,6 +198,7 @@ def payload_of(bundle: Path, out: Path) -> Path:
 
 LEDGER_FILES = {"ledger.db", "ledger.db-wal", "ledger.db-shm"}  # the site's ledger
 ALLOWED_AT_HOME = {"identity", "trust.json", "transfer", ".receiving", ".receiving.lock",
+                   ".sending", ".sending.lock", ".mlflow.lock",
                    "mlflow.db", "mlartifacts", "received", *LEDGER_FILES}
 
 

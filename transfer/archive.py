@@ -1,17 +1,35 @@
-"""Deterministic tar packing and safe, bounded unpacking.
+"""Deterministic tar packing and a strict, bounded reader of the same subset.
 
 Packing: regular files and directories only, sorted names, mtime 0, uid/gid 0, no
-user names, modes 0644/0755, PAX format: the same directory always gives the same bytes.
+user names, modes 0644/0755, POSIX ustar headers (no PAX or GNU extension records): the
+same directory always gives the same bytes.
 
-Unpacking refuses, while streaming and before writing the member: absolute paths,
-``..``, links, devices, FIFOs, sparse members, duplicate names, too many members, and
-a total size over the limit; every file is created with O_EXCL|O_NOFOLLOW, mode 0600.
+Unpacking does not use :mod:`tarfile` (whose header parsing has been quadratic on PAX
+headers, CPython CVE-2024-6232, and recursive on GNU long names). It reads exactly the
+subset ``pack`` writes, one 512-byte header at a time:
+
+* a ustar header (magic ``ustar\\0``, version ``00``) with a valid checksum, octal
+  numeric fields (no base-256), NUL-padded text fields, printable ASCII names;
+* type ``0`` (regular file) or ``5`` (directory) and nothing else: PAX (``x``, ``g``),
+  GNU (``L``, ``K``, ``S``, ...) extension records are refused on their header, before
+  their content is read, as are links, devices and FIFOs;
+* safe relative names (no absolute path, ``..``, ``.``), bounded length and depth, no
+  duplicate and no name below a file, at most ``max_members`` members and
+  ``max_total_bytes`` of content;
+* after the end-of-archive marker only zero bytes up to the end of the stream.
+
+Memory is bounded whatever the input: one 512-byte header and one copy buffer
+(``_CHUNK``, 1 MiB) at a time, plus the member names (at most ``max_members`` of
+``max_name_length`` bytes). CPU is linear in the stream's length. Every file is
+created with O_EXCL|O_NOFOLLOW, mode 0600, and hashed (SHA-256) as it is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -19,6 +37,21 @@ from typing import BinaryIO
 from transfer.errors import UnsafeArchive
 
 _CHUNK = 1 << 20
+_BLOCK = 512
+_MAGIC = b"ustar\x00"
+_VERSION = b"00"
+_REFUSED_TYPES = {
+    b"x": "PAX extended headers are refused",
+    b"g": "PAX global headers are refused",
+    b"L": "GNU long names are refused",
+    b"K": "GNU long link names are refused",
+    b"S": "sparse members are refused",
+    b"1": "links are refused",
+    b"2": "links are refused",
+    b"3": "devices and FIFOs are refused",
+    b"4": "devices and FIFOs are refused",
+    b"6": "devices and FIFOs are refused",
+}
 
 
 @dataclass(frozen=True)
@@ -31,109 +64,248 @@ class Limits:
     max_depth: int = 4
 
 
-def pack(src: Path, out: BinaryIO) -> None:
-    """Write ``src``'s tree to ``out`` as a deterministic tar stream."""
+_RECORD = 20 * _BLOCK  # tar's record size: the stream ends padded to a multiple of it
+
+
+@dataclass(frozen=True)
+class _Entry:
+    rel: str
+    path: Path
+    size: int  # -1 for a folder
+
+
+def _entries(src: Path) -> list[_Entry]:
     paths: list[Path] = []
     for root, dirs, files in os.walk(src):
         dirs.sort()
         for name in sorted(dirs) + sorted(files):
             paths.append(Path(root) / name)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(paths, key=lambda p: p.relative_to(src).as_posix()):
-            rel = path.relative_to(src).as_posix()
-            if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                raise UnsafeArchive(f"{rel}: only regular files and folders can be packed")
-            info = tarfile.TarInfo(rel)
-            info.mtime = 0
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if path.is_dir():
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
-            else:
-                info.mode = 0o644
-                info.size = path.stat().st_size
-                with path.open("rb") as f:
-                    tar.addfile(info, f)
+    entries = []
+    for path in sorted(paths, key=lambda p: p.relative_to(src).as_posix()):
+        rel = path.relative_to(src).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise UnsafeArchive(f"{rel}: only regular files and folders can be packed")
+        entries.append(_Entry(rel, path, -1 if path.is_dir() else path.stat().st_size))
+    return entries
 
 
-def _check_name(member: tarfile.TarInfo, limits: Limits) -> PurePosixPath:
-    name = member.name
-    if not name or len(name) > limits.max_name_length or "\x00" in name or "\\" in name:
+def _header(entry: _Entry) -> bytes:
+    info = tarfile.TarInfo(entry.rel)
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if entry.size < 0:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.type, info.mode, info.size = tarfile.REGTYPE, 0o644, entry.size
+    return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+
+
+class PackedStream:
+    """The deterministic ustar stream of a folder, read as a file (``read(n)``), so that
+    it can be encrypted as it is produced: no tar file is ever written.
+
+    ``size`` is known before the first byte is read (headers, contents, padding and the
+    end-of-archive record). A file that changes size while it is read is an error.
+    """
+
+    def __init__(self, src: Path) -> None:
+        self._entries = _entries(src)
+        body = sum(_BLOCK + (e.size + -e.size % _BLOCK if e.size > 0 else 0)
+                   for e in self._entries) + 2 * _BLOCK
+        self.size = body + -body % _RECORD
+        self._chunks = self._generate()
+        self._pending = b""
+        self._offset = 0
+
+    def _generate(self) -> Iterator[bytes]:
+        written = 0
+        for entry in self._entries:
+            yield _header(entry)
+            written += _BLOCK
+            if entry.size < 0:
+                continue
+            left = entry.size
+            with entry.path.open("rb") as f:
+                while left:
+                    chunk = f.read(min(left, _CHUNK))
+                    if not chunk:
+                        raise UnsafeArchive(f"{entry.rel}: shrank while it was packed")
+                    left -= len(chunk)
+                    yield chunk
+                if f.read(1):
+                    raise UnsafeArchive(f"{entry.rel}: grew while it was packed")
+            written += entry.size
+            if entry.size % _BLOCK:
+                yield bytes(-entry.size % _BLOCK)
+                written += -entry.size % _BLOCK
+        yield bytes(self.size - written)  # end-of-archive blocks and record padding
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (fewer at a chunk's end, as a raw stream); b"" at the end."""
+        if n is None or n < 0:
+            rest = bytes(self._pending[self._offset:]) + b"".join(self._chunks)
+            self._pending, self._offset = b"", 0
+            return rest
+        if self._offset >= len(self._pending):
+            self._pending, self._offset = next(self._chunks, b""), 0
+        view = memoryview(self._pending)[self._offset:self._offset + n]
+        self._offset += len(view)
+        return bytes(view)
+
+
+def pack(src: Path, out: BinaryIO) -> None:
+    """Write ``src``'s tree to ``out`` as a deterministic ustar stream."""
+    stream = PackedStream(src)
+    while chunk := stream.read(_CHUNK):
+        out.write(chunk)
+
+
+# ------------------------------------------------------------------ strict reader
+
+def _read_exact(raw: BinaryIO, n: int, what: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = raw.read(n - len(data))
+        if not part:
+            raise UnsafeArchive(f"archive is truncated ({what})")
+        data += part
+    return data
+
+
+def _text(field: bytes, what: str) -> str:
+    value, _, rest = field.partition(b"\x00")
+    if rest.strip(b"\x00"):
+        raise UnsafeArchive(f"archive header: {what} has bytes after its end")
+    if any(c < 0x20 or c > 0x7E for c in value):
+        raise UnsafeArchive(f"archive header: {what} is not printable ASCII")
+    return value.decode("ascii")
+
+
+def _octal(field: bytes, what: str) -> int:
+    digits = field.rstrip(b"\x00 ").lstrip(b" ")
+    if not digits:
+        return 0
+    if len(digits) > 12 or any(c not in b"01234567" for c in digits):
+        raise UnsafeArchive(f"archive header: {what} is not an octal number")
+    return int(digits, 8)
+
+
+@dataclass(frozen=True)
+class _Header:
+    name: str
+    size: int
+    is_dir: bool
+
+
+def _parse_header(block: bytes, limits: Limits) -> _Header:
+    if block[257:263] != _MAGIC or block[263:265] != _VERSION:
+        raise UnsafeArchive("archive header: not a POSIX ustar header (GNU or old tar "
+                            "formats are refused)")
+    expected = _octal(block[148:156], "checksum")
+    actual = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    if expected != actual:
+        raise UnsafeArchive("archive header: bad checksum")
+    kind = block[156:157]
+    name = _text(block[0:100], "name")
+    prefix = _text(block[345:500], "prefix")
+    full = f"{prefix}/{name}" if prefix else name
+    if kind in _REFUSED_TYPES:
+        raise UnsafeArchive(f"archive member {full!r}: {_REFUSED_TYPES[kind]}")
+    if kind not in (b"0", b"\x00", b"5"):
+        raise UnsafeArchive(f"archive member {full!r}: only regular files and folders "
+                            "are accepted")
+    if _text(block[157:257], "link name"):
+        raise UnsafeArchive(f"archive member {full!r}: links are refused")
+    size = _octal(block[124:136], "size")
+    is_dir = kind == b"5"
+    if is_dir and size:
+        raise UnsafeArchive(f"archive member {full!r}: a folder with content")
+    return _Header(full, size, is_dir)
+
+
+def _check_name(name: str, limits: Limits) -> PurePosixPath:
+    if not name or len(name) > limits.max_name_length or "\\" in name:
         raise UnsafeArchive(f"archive member {name!r}: unusable name")
-    path = PurePosixPath(name)
-    if path.is_absolute() or name.startswith("/"):
+    if name.startswith("/"):
         raise UnsafeArchive(f"archive member {name!r}: absolute path")
     if any(part in ("..", ".", "") for part in name.rstrip("/").split("/")):
         raise UnsafeArchive(f"archive member {name!r}: '..' or '.' in the path")
+    path = PurePosixPath(name.rstrip("/"))
     if len(path.parts) > limits.max_depth:
         raise UnsafeArchive(f"archive member {name!r}: nested too deep")
     return path
 
 
-def unpack(archive: Path, dest: Path, limits: Limits = Limits()) -> None:
+def unpack(archive: Path, dest: Path, limits: Limits = Limits()) -> dict[str, str]:
     """Extract the tar file ``archive`` into the empty folder ``dest`` (see unpack_stream)."""
     with archive.open("rb") as raw:
-        unpack_stream(raw, dest, limits)
+        return unpack_stream(raw, dest, limits)
 
 
-def unpack_stream(raw: BinaryIO, dest: Path, limits: Limits = Limits()) -> None:
-    """Extract a tar stream into the empty folder ``dest``, refusing anything unsafe.
+def unpack_stream(raw: BinaryIO, dest: Path, limits: Limits = Limits()) -> dict[str, str]:
+    """Extract a ustar stream into the empty folder ``dest``, refusing anything unsafe.
 
-    Reads ``raw`` to its end: after the end-of-archive marker only zero padding may follow.
+    Returns ``{relative path: "sha256:<hex>"}`` of the files written. Reads ``raw`` to
+    its end: after the end-of-archive marker only zero padding may follow.
     """
     total = 0
     count = 0
-    try:
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                count += 1
-                if count > limits.max_members:
-                    raise UnsafeArchive(f"archive has more than {limits.max_members} members")
-                rel = _check_name(member, limits)
-                if member.issym() or member.islnk():
-                    raise UnsafeArchive(f"archive member {member.name!r}: links are refused")
-                if member.isdev() or member.isfifo():
-                    raise UnsafeArchive(f"archive member {member.name!r}: devices and FIFOs "
-                                        "are refused")
-                if member.issparse() or not (member.isreg() or member.isdir()):
-                    raise UnsafeArchive(f"archive member {member.name!r}: only regular files "
-                                        "and folders are accepted")
-                target = dest.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    continue
-                total += member.size
-                if total > limits.max_total_bytes:
-                    raise UnsafeArchive(f"archive content exceeds {limits.max_total_bytes} "
-                                        "bytes")
-                target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                _extract(tar, member, target)
-    except tarfile.TarError as e:
-        raise UnsafeArchive(f"archive is malformed: {e}") from e
-    except EOFError as e:
-        raise UnsafeArchive("archive is truncated") from e
+    files: dict[PurePosixPath, str] = {}
+    dirs: set[PurePosixPath] = set()
+    while True:
+        block = _read_exact(raw, _BLOCK, "in a header")
+        if block.count(0) == _BLOCK:
+            break  # end-of-archive marker
+        count += 1
+        if count > limits.max_members:
+            raise UnsafeArchive(f"archive has more than {limits.max_members} members")
+        header = _parse_header(block, limits)
+        rel = _check_name(header.name, limits)
+        if rel in files or rel in dirs:
+            raise UnsafeArchive(f"archive member {header.name!r}: duplicate name")
+        for parent in rel.parents:
+            if parent in files:
+                raise UnsafeArchive(f"archive member {header.name!r}: below a file "
+                                    f"({parent})")
+        target = dest.joinpath(*rel.parts)
+        try:
+            if header.is_dir:
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                dirs.add(rel)
+                continue
+            total += header.size
+            if total > limits.max_total_bytes:
+                raise UnsafeArchive(f"archive content exceeds {limits.max_total_bytes} "
+                                    "bytes")
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            files[rel] = _extract(raw, header, target)
+        except OSError as e:
+            raise UnsafeArchive(f"archive member {header.name!r}: cannot be written "
+                                f"({e.strerror})") from e
+        pad = -header.size % _BLOCK
+        if pad:
+            _read_exact(raw, pad, "in padding")
     while chunk := raw.read(_CHUNK):
         if chunk.count(0) != len(chunk):
             raise UnsafeArchive("data after the end of the archive")
+    return {p.as_posix(): d for p, d in files.items()}
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
-    src = tar.extractfile(member)
-    if src is None:
-        raise UnsafeArchive(f"archive member {member.name!r}: unreadable")
+def _extract(raw: BinaryIO, header: _Header, target: Path) -> str:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(target, flags, 0o600)
     except FileExistsError as e:
-        raise UnsafeArchive(f"archive member {member.name!r}: duplicate name") from e
-    written = 0
+        raise UnsafeArchive(f"archive member {header.name!r}: duplicate name") from e
+    digest = hashlib.sha256()
+    left = header.size
     with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(_CHUNK):
-            written += len(chunk)
-            if written > member.size:
-                raise UnsafeArchive(f"archive member {member.name!r}: larger than declared")
+        while left:
+            chunk = raw.read(min(left, _CHUNK))
+            if not chunk:
+                raise UnsafeArchive(f"archive member {header.name!r}: truncated")
+            left -= len(chunk)
+            digest.update(chunk)
             out.write(chunk)
-    if written != member.size:
-        raise UnsafeArchive(f"archive member {member.name!r}: truncated")
+    return "sha256:" + digest.hexdigest()

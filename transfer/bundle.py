@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,8 +56,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from passerelle.digests import canonical_json, sha256_file
 from passerelle.errors import PasserelleError
-from transfer import onnx_safety
-from transfer.archive import Limits, pack, unpack_stream
+from transfer import onnx_safety, strict_json
+from transfer.archive import Limits, PackedStream, unpack_stream
 from transfer.errors import (
     DecryptionFailed,
     DigestMismatch,
@@ -68,6 +68,7 @@ from transfer.errors import (
     SignatureInvalid,
     StatementMismatch,
     UnsafeArchive,
+    ValidityTooLong,
 )
 from transfer.identity import PublicIdentity, SiteIdentity, sign, verify
 from transfer.statement import STATEMENT_FILE, Header, Transfer, TransferStatement
@@ -75,10 +76,14 @@ from transfer.trust import TrustStore
 
 MAGIC = b"PASSERELLE-BUNDLE/1\n"
 MAX_HEADER = 64 * 1024
+HEADER_DEPTH = 8  # the header is {header: {transfer: {recipients: [{...}]}}, signature}
+MAX_SIGNATURE_FILE = 256 * 1024  # model.sig (a Sigstore bundle of a few KB)
 MODEL_DIR = "model"
 SIGNATURE_FILE = "model.sig"
 ONNX_FILE = "model.onnx"
 RECEIVING_DIR = ".receiving"
+SENDING_DIR = ".sending"
+SENDING_LOCK = ".sending.lock"
 RECEIVED_STATE = "received.json"
 SENT_STATE = "sent.json"
 STATE_DIR = "transfer"
@@ -89,7 +94,7 @@ SLEEP_AFTER_DECRYPT_ENV = "PASSERELLE_TEST_SLEEP_AFTER_DECRYPT"
 # What may be shipped from an exported folder (anything else there stays home).
 SHIPPABLE = ("model.onnx", "vocabulary.json", "labels.json", "model_card.json",
              "audit_report.json")
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20  # large buffers: hashing and age streaming run at memory speed
 
 
 # --------------------------------------------------------------------------- envelope
@@ -122,10 +127,8 @@ def read_envelope(path: Path) -> Envelope:
         raise MalformedBundle(f"{path}: cannot read: {e.strerror}") from e
     if len(raw) != length:
         raise MalformedBundle(f"{path.name}: truncated in the header")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedBundle(f"{path.name}: the header is not JSON") from e
+    doc = strict_json.loads(raw, f"{path.name}: the header", MalformedBundle, MAX_HEADER,
+                            HEADER_DEPTH)
     if not isinstance(doc, dict) or set(doc) != {"header", "signature"} or \
             not isinstance(doc["signature"], str) or canonical_json(doc) != raw:
         raise MalformedBundle(f"{path.name}: the header is not canonical {{header, signature}}")
@@ -188,9 +191,19 @@ def sign_model_dir(identity: SiteIdentity, model_dir: Path, signature: Path) -> 
     # which wants bytes.
     password = identity.passphrase.encode() if identity.passphrase else None
     config = signing.Config()  # type: ignore[no-untyped-call]
+    config.set_hashing_config(_hashing_config())
     config.use_elliptic_key_signer(
         private_key=identity.signing_key_path, password=password,  # type: ignore[arg-type]
     ).sign(model_dir, signature)
+
+
+def _hashing_config() -> Any:
+    """Every file of the model folder is covered: model-signing ignores .git/, .github/,
+    .gitattributes and .gitignore by default (``ignore_git_paths=True``); not here."""
+    from model_signing import hashing
+
+    return hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
+        paths=[], ignore_git_paths=False)
 
 
 def stage(identity: SiteIdentity, ship: Path, statement: TransferStatement,
@@ -233,19 +246,126 @@ signed and the bundle written; returns the id of the ``bundle_created`` ledger r
 carry in the header (or None: no ledger). If it raises, no bundle is written."""
 
 
+_AGE_CHUNK = 64 * 1024  # age's STREAM chunk (plaintext); each sealed chunk adds a 16-byte tag
+_MAX_AGE_HEADER = 64 * 1024
+_SIGNATURE_CHARS = 96  # base64 of a 70- or 71-byte DER low-s P-256 signature
+_PLACEHOLDER_ID = "sha256:" + "0" * 64
+
+
+def _age_body_size(plain: int) -> int:
+    """Bytes after age's header: a 16-byte nonce, then each 64 KiB chunk plus its tag
+    (at least one chunk, the last one may be short)."""
+    chunks = max(1, -(-plain // _AGE_CHUNK))
+    return 16 + plain + 16 * chunks
+
+
+class _PayloadWriter:
+    """Where pyrage writes the payload: straight into the bundle file, after room left
+    for the outer header, hashing as it goes.
+
+    age's header (recipient stanzas, randomised by grease stanzas) is held until its MAC
+    line ends it; then the payload's size is known exactly (the body's size follows
+    from the plaintext's), so is the outer header's length (every other field of it has
+    a fixed width), and the rest streams to its final place: no second copy.
+    """
+
+    def __init__(self, f: BinaryIO, plain_size: int, header_length: Callable[[int], int]):
+        self._f = f
+        self._plain = plain_size
+        self._length_of = header_length
+        self._head = bytearray()
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.expected: int | None = None
+        self.header_length = 0
+
+    def write(self, data: bytes) -> int:
+        if self.expected is None:
+            self._head += data
+            end = self._head.find(b"\n--- ")
+            if end < 0 or self._head.find(b"\n", end + 1) < 0:
+                if len(self._head) > _MAX_AGE_HEADER:
+                    raise MalformedBundle("age produced an unexpectedly large header")
+                return len(data)
+            age_header = self._head.find(b"\n", end + 1) + 1
+            self.expected = age_header + _age_body_size(self._plain)
+            self.header_length = self._length_of(self.expected)
+            self._f.seek(len(MAGIC) + 4 + self.header_length)
+            data, self._head = bytes(self._head), bytearray()
+        self.hash.update(data)
+        self.size += len(data)
+        self._f.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _signed_header(header: Header, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The canonical {header, signature} with a signature of the usual width (ECDSA
+    signatures vary in length; one in 128 is shorter and is made again)."""
+    body = canonical_json(header.to_json())
+    for _ in range(64):
+        signature = sign(key, body)
+        if len(signature) == _SIGNATURE_CHARS:
+            return canonical_json({"header": header.to_json(), "signature": signature})
+    raise MalformedBundle("could not make a signature of the usual width")
+
+
 def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
          recipients: Sequence[PublicIdentity], out: Path, work: Path,
          ledger_hook: LedgerHook | None = None) -> str:
-    """Pack ``staged``, encrypt it to ``recipients``, write the signed bundle ``out``."""
-    tar = work / "payload.tar"
-    with tar.open("wb") as f:
-        pack(staged, f)
-    cipher = work / "payload.age"
-    digest, size = encrypt(tar, [r.age_recipient for r in recipients], cipher)
-    tar.unlink()
-    record = ledger_hook(digest, size) if ledger_hook is not None else None
-    return write_bundle(out, Header(transfer, digest, size, record), identity.signing_key,
-                        cipher)
+    """Pack ``staged``, encrypt it to ``recipients``, write the signed bundle ``out``.
+
+    One pass: the deterministic tar is produced as age reads it and the ciphertext goes
+    straight into a temporary file beside ``out`` (only ciphertext is ever written
+    there), hashed on the way. Only once the payload is fully written is ``ledger_hook``
+    called (a bundle that cannot be written leaves no ``bundle_created`` record); then
+    the signed header is written in front and the file moved to ``out`` atomically.
+    ``work`` is unused (kept for callers); nothing plaintext is written outside
+    ``staged``.
+    """
+    del work
+    try:
+        keys = [pyrage.x25519.Recipient.from_str(r.age_recipient) for r in recipients]
+    except pyrage.RecipientError as e:
+        raise MalformedBundle("a recipient's age key is unusable") from e
+    stream = PackedStream(staged)
+
+    def length_of(payload_size: int) -> int:
+        placeholder = Header(transfer, _PLACEHOLDER_ID, payload_size,
+                             _PLACEHOLDER_ID if ledger_hook is not None else None)
+        return len(canonical_json({"header": placeholder.to_json(),
+                                   "signature": "A" * _SIGNATURE_CHARS}))
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".partial",
+                               dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as raw:
+            writer = _PayloadWriter(raw, stream.size, length_of)
+            pyrage.encrypt_io(stream, writer, keys)
+            if writer.expected is None or writer.size != writer.expected:
+                raise MalformedBundle(f"age wrote {writer.size} bytes, "
+                                      f"{writer.expected} were expected")
+            raw.flush()
+            os.fsync(raw.fileno())
+            digest = "sha256:" + writer.hash.hexdigest()
+            record = ledger_hook(digest, writer.size) if ledger_hook is not None else None
+            doc = _signed_header(Header(transfer, digest, writer.size, record),
+                                 identity.signing_key)
+            if len(doc) != writer.header_length:
+                raise MalformedBundle("the signed header does not fit the room left for it")
+            prefix = MAGIC + struct.pack(">I", len(doc)) + doc
+            raw.seek(0)
+            raw.write(prefix)
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)  # the bundle is encrypted, meant to be shared
+        whole = sha256_file(Path(tmp))  # the bundle file's digest, as a receiver sees it
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return whole
 
 
 def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], model: str,
@@ -263,11 +383,17 @@ def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], 
 
 def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStatement,
                      recipients: Sequence[PublicIdentity], out: Path,
-                     ledger_hook: LedgerHook | None = None) -> str:
-    """Stage, sign, pack, encrypt and write a bundle of the shippable folder ``ship``."""
+                     ledger_hook: LedgerHook | None = None,
+                     staging: Path | None = None) -> str:
+    """Stage, sign, pack, encrypt and write a bundle of the shippable folder ``ship``.
+
+    The plaintext staging folder is made under ``staging`` (the site's private area, see
+    :func:`sending_area`); nothing but ciphertext is written beside ``out``.
+    """
     if not (ship / ONNX_FILE).is_file():
         raise MalformedBundle(f"{ship}: no {ONNX_FILE} to ship")
-    with private_workspace(out.resolve().parent, ".passerelle-bundle-") as work:
+    parent = staging if staging is not None else ship.resolve().parent
+    with private_workspace(parent, ".passerelle-bundle-") as work:
         staged = stage(identity, ship, statement, work)
         return seal(identity, staged, statement.transfer, recipients, out, work, ledger_hook)
 
@@ -275,6 +401,60 @@ def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStat
 def next_sequence(home: Path, model: str) -> int:
     """The next sequence number for ``model`` sent by this site (not yet recorded)."""
     return int(_read_state(home, SENT_STATE).get(model, 0)) + 1
+
+
+def reserve_sequence(home: Path, model: str) -> int:
+    """Take the next sequence number for ``model`` and record it at once, under the
+    home's sending lock: two concurrent ``bundle create`` never get the same number, and
+    a create that fails or is killed later burns its number (a gap, never a reuse)."""
+    with _locked(home / SENDING_LOCK):
+        sequence = next_sequence(home, model)
+        record_sent(home, model, sequence)
+    return sequence
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def sending_area(home: Path) -> Iterator[Path]:
+    """A private (0700) folder under the home's ``.sending/`` for one ``bundle create``'s
+    plaintext (exported ONNX, staged model, signature); removed on every path out, and
+    leftovers of a killed create (no live lock on them) are removed by the next one."""
+    area = home / SENDING_DIR
+    area.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(area, 0o700)
+    with _locked(home / SENDING_LOCK):  # no cleaner sees a folder before it is locked
+        work = Path(tempfile.mkdtemp(prefix="tx-", dir=area))
+        lock = (work / ".lock").open("a")
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _clean_stale_sending(area, work)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        lock.close()
+
+
+def _clean_stale_sending(area: Path, mine: Path) -> None:
+    for child in area.iterdir():
+        if child == mine:
+            continue
+        try:
+            with (child / ".lock").open("a") as other:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live create
+        except OSError:
+            pass
+        shutil.rmtree(child, ignore_errors=True)
 
 
 def record_sent(home: Path, model: str, sequence: int) -> None:
@@ -402,18 +582,33 @@ def check_envelope(path: Path, trust: TrustStore, me: PublicIdentity | None,
     t = env.header.transfer
     sender = trust.sender(t.sender.fingerprint, t.sender.site)          # (2)
     verify(sender.public_key, canonical_json(env.header_doc), env.signature,
-           f"{path.name}: outer header")                                # (3)
+           f"{path.name}: outer header", canonical=True)                # (3)
     if me is not None and not t.names(me.fingerprint):                  # (4)
         names = ", ".join(r.site for r in t.recipients)
         raise NotAddressedToUs(f"{path.name} is addressed to {names}, not to this site "
                                f"({me.site})")
-    _check_time(t, now)                                                 # (5)
+    _check_time(t, now, max_validity(home))                             # (5)
     if home is not None:
         _check_rollback(t, last_received(home, t))                      # (6)
     return env, sender
 
 
-def _check_time(t: Transfer, now: datetime) -> None:
+def max_validity(home: Path | None) -> timedelta:
+    """The longest validity this site creates or accepts (``transfer.max_validity_days``
+    of its site policy; the policy's default for a folder that is no site)."""
+    from transfer.site_policy import KEYS, load_policy
+
+    name = "transfer.max_validity_days"
+    days = load_policy(home).values[name] if home is not None else KEYS[name].default
+    assert isinstance(days, int)  # noqa: S101 - the policy's check makes it one
+    return timedelta(days=days)
+
+
+def _check_time(t: Transfer, now: datetime, longest: timedelta) -> None:
+    if t.expires_at - t.created_at > longest:
+        raise ValidityTooLong(f"bundle of {t.model}/{t.version} is valid from {t.created} "
+                              f"to {t.expires}, longer than this site accepts "
+                              f"({longest.days} days, transfer.max_validity_days)")
     if now > t.expires_at:
         raise Expired(f"bundle of {t.model}/{t.version} expired at {t.expires}")
     if t.created_at > now + CLOCK_SKEW:
@@ -449,14 +644,18 @@ class _RegionReader:
 
 
 def _hash_payload(env: Envelope) -> str:
-    """Steps (7a): digest of the payload and of the whole bundle."""
+    """Steps (7a): digest of the payload and of the whole bundle, in one read; the two
+    hashes run on two cores (hashlib releases the GIL on large buffers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     whole = hashlib.sha256()
     part = hashlib.sha256()
-    with env.path.open("rb") as f:
+    with env.path.open("rb") as f, ThreadPoolExecutor(1) as pool:
         whole.update(f.read(env.payload_offset))
         while chunk := f.read(_CHUNK):
+            pending = pool.submit(part.update, chunk)
             whole.update(chunk)
-            part.update(chunk)
+            pending.result()
     if "sha256:" + part.hexdigest() != env.header.payload_digest:
         raise DigestMismatch(f"{env.path.name}: the payload's digest differs from the signed "
                              "header")
@@ -464,55 +663,83 @@ def _hash_payload(env: Envelope) -> str:
 
 
 def _decrypt_and_unpack(env: Envelope, identities: Sequence[Any], dest: Path,
-                        limits: Limits) -> None:
+                        limits: Limits) -> dict[str, str]:
     """(7b, 8) Decrypt the payload and unpack it as it streams; no tar is written.
 
-    pyrage decrypts into a pipe; a thread unpacks from the other end with the safety
-    checks of :func:`transfer.archive.unpack_stream`. If unpacking refuses, the pipe
-    closes and decryption stops. The payload digest is checked again on the bytes
-    actually decrypted (the file could have changed since step 7a).
+    pyrage decrypts into a pipe; a thread unpacks from the other end with the checks of
+    :func:`transfer.archive.unpack_stream` and hashes every file it writes (the digests
+    are returned). If unpacking refuses, the pipe closes and decryption stops. The
+    unpacking thread is joined on every path out, so nothing writes into ``dest`` once
+    this returns or raises. The payload digest is checked again on the bytes actually
+    decrypted (the file could have changed since step 7a).
     """
     read_fd, write_fd = os.pipe()
+    with suppress(OSError):  # a 1 MiB pipe (Linux's limit), not 64 KiB: fewer switches
+        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     failure: list[BaseException] = []
+    digests: dict[str, str] = {}
 
     def consume() -> None:
         try:
-            with os.fdopen(read_fd, "rb") as pipe:
-                unpack_stream(pipe, dest, limits)
+            with os.fdopen(read_fd, "rb", buffering=_CHUNK) as pipe:
+                digests.update(unpack_stream(pipe, dest, limits))
         except BaseException as e:  # reported to the decrypting thread below
             failure.append(e)
 
     worker = threading.Thread(target=consume, name="passerelle-unpack", daemon=True)
     worker.start()
     decrypt_error: BaseException | None = None
-    with env.path.open("rb") as f:
-        f.seek(env.payload_offset)
-        reader = _RegionReader(f, env.header.payload_size)
-        try:
-            with os.fdopen(write_fd, "wb") as pipe:
-                pyrage.decrypt_io(reader, pipe, list(identities))
-        except BrokenPipeError:
-            pass  # the unpacking thread stopped; its error is raised below
-        except pyrage.DecryptError as e:
-            decrypt_error = e
-    worker.join()
+    try:
+        with env.path.open("rb") as f:
+            f.seek(env.payload_offset)
+            reader = _RegionReader(f, env.header.payload_size)
+            with os.fdopen(write_fd, "wb", buffering=_CHUNK) as pipe:
+                write_fd = -1
+                try:
+                    pyrage.decrypt_io(reader, pipe, list(identities))
+                    pipe.flush()
+                except BrokenPipeError:
+                    pass  # the unpacking thread stopped; its error is raised below
+                except (pyrage.DecryptError, OSError) as e:
+                    # pyrage raises OSError('decryption error') for a corrupted chunk
+                    decrypt_error = e
+    except OSError as e:
+        decrypt_error = e
+    finally:
+        if write_fd != -1:
+            os.close(write_fd)
+        worker.join()
+    if failure and not (decrypt_error is not None and
+                        isinstance(failure[0], UnsafeArchive) and "truncated" in
+                        str(failure[0])):
+        raise failure[0]
     if decrypt_error is not None:
         raise DecryptionFailed(f"{env.path.name}: cannot decrypt the payload with this "
-                               "site's identity") from decrypt_error
-    if failure:
-        raise failure[0]
+                               "site's identity (or it is corrupted)") from decrypt_error
     if "sha256:" + reader.hash.hexdigest() != env.header.payload_digest:
         raise DigestMismatch(f"{env.path.name}: the payload changed while it was read")
+    return digests
 
 
 def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work: Path) -> None:
-    """(9) OpenSSF Model Signing verification with the sender's pinned key."""
+    """(9) OpenSSF Model Signing verification with the sender's pinned key, over every
+    file of ``model_dir`` (no ignored paths: a file the signature does not cover fails)."""
     from model_signing import verifying
 
+    try:
+        size = signature.stat().st_size
+        if size > MAX_SIGNATURE_FILE:
+            raise SignatureInvalid(f"{SIGNATURE_FILE} is larger than {MAX_SIGNATURE_FILE} "
+                                   "bytes")
+        strict_json.loads(signature.read_bytes(), SIGNATURE_FILE, SignatureInvalid,
+                          MAX_SIGNATURE_FILE)
+    except OSError as e:
+        raise SignatureInvalid(f"{SIGNATURE_FILE}: unreadable") from e
     pub = work / "sender.pub"
     pub.write_text(key_pem)
     try:
         config = verifying.Config()  # type: ignore[no-untyped-call]
+        config.set_hashing_config(_hashing_config())
         config.use_elliptic_key_verifier(public_key=pub).verify(model_dir, signature)
     except Exception as e:
         raise SignatureInvalid(f"the model signature does not verify with the sender's key: "
@@ -522,12 +749,27 @@ def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work:
         pub.unlink(missing_ok=True)
 
 
-def _read_statement(model_dir: Path) -> TransferStatement:
+def check_layout(root: Path, digests: dict[str, str]) -> None:
+    """(8) Exactly model/ (known file names only, model.onnx and the statement among them,
+    no sub-folder) and model.sig: nothing else is installed or logged."""
+    allowed = {f"{MODEL_DIR}/{n}" for n in (*SHIPPABLE, STATEMENT_FILE)} | {SIGNATURE_FILE}
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    extra = sorted(set(names) - allowed - {MODEL_DIR})
+    if extra or set(digests) != set(names) - {MODEL_DIR} or \
+            f"{MODEL_DIR}/{ONNX_FILE}" not in digests or \
+            f"{MODEL_DIR}/{STATEMENT_FILE}" not in digests or SIGNATURE_FILE not in digests:
+        raise UnsafeArchive(f"payload must hold exactly {MODEL_DIR}/ (with {ONNX_FILE}, "
+                            f"{STATEMENT_FILE} and only {', '.join(SHIPPABLE[1:])}) and "
+                            f"{SIGNATURE_FILE}; unexpected: {extra[:5] or names[:8]}")
+
+
+def read_statement(model_dir: Path) -> TransferStatement:
     try:
-        doc = json.loads((model_dir / STATEMENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise StatementMismatch("the transfer statement is missing or not JSON") from e
-    return TransferStatement.from_json(doc)
+        raw = (model_dir / STATEMENT_FILE).read_bytes()
+    except OSError as e:
+        raise StatementMismatch("the transfer statement is missing") from e
+    return TransferStatement.from_json(strict_json.loads(
+        raw, "the transfer statement", StatementMismatch, MAX_HEADER, HEADER_DEPTH))
 
 
 def verify_payload(env: Envelope, sender: PublicIdentity, me: PublicIdentity,
@@ -536,24 +778,20 @@ def verify_payload(env: Envelope, sender: PublicIdentity, me: PublicIdentity,
     bundle_digest = _hash_payload(env)                                  # (7)
     root = work / "content"
     root.mkdir(mode=0o700)
-    _decrypt_and_unpack(env, identities, root, limits)                  # (7, 8)
+    digests = _decrypt_and_unpack(env, identities, root, limits)        # (7, 8)
     pause = os.environ.get(SLEEP_AFTER_DECRYPT_ENV)
     if pause:
         time.sleep(float(pause))
-    names = sorted(p.name for p in root.iterdir())
-    if names != [MODEL_DIR, SIGNATURE_FILE] or not (root / MODEL_DIR).is_dir() or \
-            not (root / MODEL_DIR / ONNX_FILE).is_file():
-        raise UnsafeArchive(f"payload must hold exactly {MODEL_DIR}/ (with {ONNX_FILE}) and "
-                            f"{SIGNATURE_FILE}; found {names}")
+    check_layout(root, digests)                                         # (8)
     verify_model_signature(root / MODEL_DIR, root / SIGNATURE_FILE,     # (9)
                            sender.signing_key_pem, work)
-    statement = _read_statement(root / MODEL_DIR)                       # (10)
+    statement = read_statement(root / MODEL_DIR)                       # (10)
     if statement.transfer != env.header.transfer:
         raise StatementMismatch(f"{env.path.name}: the signed transfer statement inside does "
                                 "not match the outer header (mixed or re-encrypted bundle)")
     if not statement.transfer.names(me.fingerprint):
         raise NotAddressedToUs("the signed statement does not name this site")
-    if sha256_file(root / MODEL_DIR / ONNX_FILE) != statement.onnx_digest:
+    if digests[f"{MODEL_DIR}/{ONNX_FILE}"] != statement.onnx_digest:  # hashed unpacking
         raise DigestMismatch("model.onnx differs from the digest in the statement")
     onnx_safety.check_model(root / MODEL_DIR / ONNX_FILE)
     return VerifiedBundle(env.header, statement, sender, bundle_digest, root)

@@ -62,6 +62,14 @@ class Expired(Refused):
     """The bundle's expiry time has passed (freeze attack), or it is not yet valid."""
 
 
+class ValidityTooLong(Refused):
+    """The bundle is valid for longer than this site's ``transfer.max_validity_days``."""
+
+
+class AlreadyReceived(Refused):
+    """Internal: the bundle is already registered here (``bundle receive`` says so, exit 0)."""
+
+
 class Rollback(Refused):
     """An older version or sequence number than one already received."""
 

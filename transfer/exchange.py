@@ -22,7 +22,6 @@ from typing import Any
 
 from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import BadInput, GateRefused, PasserelleError, Refused
-from registry.export import audit_passed, shippable
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
 from transfer.acts import Recorder, recorder, subject
 from transfer.archive import Limits
@@ -35,14 +34,15 @@ from transfer.bundle import (
     bundle_directory,
     check_envelope,
     make_transfer,
-    next_sequence,
+    max_validity,
     open_bundle,
-    private_workspace,
     read_envelope,
+    read_statement,
     record_received,
-    record_sent,
+    reserve_sequence,
+    sending_area,
 )
-from transfer.errors import DigestMismatch
+from transfer.errors import DigestMismatch, Rollback
 from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity, verify
 from transfer.records import RecordKind, Subject, bundle_arrived_fields, bundle_created_fields
 from transfer.statement import Header, TransferStatement
@@ -76,10 +76,19 @@ class ReceivedModel:
     directory: Path
     statement: TransferStatement
     bundle_digest: str
+    already: bool = False  # this very bundle was registered before: nothing was done
 
 
 AUDIT_REPORT = "audit-report.json"  # registry.audit.runner.REPORT_FILE, under audit/
 SHIPPED_AUDIT_REPORT = "audit_report.json"
+
+
+def received_name(sender: str, model: str) -> str:
+    """The local registry name of a model received from ``sender``: ``SENDER.MODEL``
+    (MLflow refuses '/' and ':' in names). It is only ever used for models received from
+    that sender: a local model of that name, or one from another sender whose names join
+    to the same text, is refused, never merged (registry tags say whose it is)."""
+    return f"{sender}.{model}"
 
 
 def export_gate(info: VersionInfo, onnx_digest: str) -> str:
@@ -88,6 +97,8 @@ def export_gate(info: VersionInfo, onnx_digest: str) -> str:
     It may leave with a PASS audit verdict for these exact ONNX bytes, or with an export
     override recorded for these bytes by ``model export --override`` (registry.export).
     """
+    from registry.export import audit_passed
+
     tags = info.tags
     verdict = tags.get(TAG + "audit.verdict")
     if audit_passed(tags, onnx_digest):
@@ -114,19 +125,29 @@ def _add_audit_report(store: ModelStore, info: VersionInfo, ship: Path, work: Pa
 def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[str],
                   out: Path, now: datetime | None = None,
                   validity: timedelta = DEFAULT_VALIDITY) -> CreatedBundle:
-    """``bundle create``: seal a registered version for the sites ``to``."""
+    """``bundle create``: seal a registered version for the sites ``to``.
+
+    Plaintext (the exported ONNX folder, the staged and signed model) lives only in the
+    home's private ``.sending/`` area; beside ``out`` only ciphertext is written, moved
+    into place at the end. The sequence number is taken under a lock.
+    """
+    from registry.export import shippable
+
     if out.exists():
         raise BadInput(f"{out}: already exists")
     if not out.resolve().parent.is_dir():
         raise BadInput(f"{out.resolve().parent}: no such directory")
     if not to:
         raise BadInput("name at least one recipient site (--to)")
+    longest = max_validity(home)
+    if validity > longest:
+        raise BadInput(f"a validity of {validity.days} days is longer than this site allows "
+                       f"({longest.days} days, transfer.max_validity_days)")
     identity = load_site(home)
     trust = TrustStore(home)
     recipients = [trust.recipient(site) for site in dict.fromkeys(to)]
-    store.get(ref)  # an unknown version is bad input before any work
-    with recorder(home, identity) as rec, \
-            private_workspace(out.resolve().parent, ".passerelle-create-") as work:
+    _gate_before_export(store.get(ref))  # refused before anything is converted or logged
+    with recorder(home, identity) as rec, sending_area(home) as work:
         export = shippable(store, ref, work / "onnx")  # digest re-checked, or converted
         info = store.get(ref)  # the tags as they are now
         verdict = export_gate(info, export.onnx_digest)
@@ -134,7 +155,7 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
         if sha256_file(ship / ONNX_FILE) != export.onnx_digest:
             raise DigestMismatch(f"{ref}: model.onnx changed on the way")
         _add_audit_report(store, info, ship, work, export.onnx_digest)
-        sequence = next_sequence(home, ref.name)
+        sequence = reserve_sequence(home, ref.name)
         statement = TransferStatement(
             transfer=make_transfer(identity, recipients, ref.name, ref.version, sequence,
                                    now, validity),
@@ -142,9 +163,18 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
             legal_basis=info.tags.get(TAG + "legal_basis", ""),
             audit_verdict=verdict, onnx_digest=export.onnx_digest)
         digest = bundle_directory(identity, ship, statement, recipients, out,
-                                  _created_hook(rec, statement, info))
-    record_sent(home, ref.name, sequence)
+                                  _created_hook(rec, statement, info), staging=work)
     return CreatedBundle(out, digest, statement, out.stat().st_size)
+
+
+def _gate_before_export(info: VersionInfo) -> None:
+    """A version with no logged export is converted (and the export logged on it) by
+    ``shippable``; refuse first unless its tags already let some ONNX bytes leave."""
+    if TAG + "onnx_digest" in info.tags:
+        return
+    candidate = (info.tags.get(TAG + "audit.onnx_digest")
+                 or info.tags.get(TAG + "export.override.onnx_digest") or "")
+    export_gate(info, candidate)
 
 
 def _created_hook(rec: Recorder, statement: TransferStatement,
@@ -191,14 +221,28 @@ def verify_bundle(path: Path, home: Path, now: datetime | None = None,
 def receive_bundle(path: Path, home: Path, store: ModelStore, now: datetime | None = None,
                    limits: Limits = Limits(),  # noqa: B008
                    identity: SiteIdentity | None = None) -> ReceivedModel:
-    """``bundle receive``: verify, install atomically, register with lineage tags."""
+    """``bundle receive``: verify, install atomically, register with lineage tags.
+
+    Idempotent and safe to re-run after a kill at any point (all under the receiving
+    lock): a bundle already registered and recorded is not registered again (the result
+    says ``already``); a version left by a killed receive without its ledger record, and
+    runs left without a version, are removed before the bundle is registered anew.
+    """
     me = identity or load_site(home)
     with recorder(home, me) as rec:
         try:
             with open_bundle(path, home, me, now, limits) as vb:
                 t = vb.statement.transfer
+                name = received_name(t.sender.site, t.model)
+                store.check_received_name(name, t.sender.site, t.model)
+                store.clean_received(name, lambda info: _recorded(home, me, info),
+                                     me.fingerprint)
                 dest = (home / RECEIVED_DIR / t.sender.site / t.model /
                         f"{t.version}-{t.sequence}")
+                done = _registered(home, me, store, name, vb.bundle_digest)
+                if done is not None:
+                    record_received(home, t)
+                    return ReceivedModel(done, dest, vb.statement, vb.bundle_digest, True)
                 if dest.exists():
                     # Only a receive of this very bundle that died before recording it
                     # (the rollback check passed) can have left it: replace it.
@@ -207,16 +251,66 @@ def receive_bundle(path: Path, home: Path, store: ModelStore, now: datetime | No
                 os.rename(vb.root, dest)
                 try:
                     version = store.register_received(
-                        dest / MODEL_DIR, t.model, _lineage_tags(vb.statement, vb.bundle_digest),
-                        lambda info: _record_received(rec, vb, info))
+                        dest / MODEL_DIR, name, _lineage_tags(vb.statement, vb.bundle_digest),
+                        lambda info: _record_received(rec, vb, info),
+                        sender=t.sender.site, source_model=t.model, receiver=me.fingerprint)
                 except BaseException:
                     shutil.rmtree(dest, ignore_errors=True)
                     raise
                 record_received(home, t)
+        except Rollback as e:
+            again = _already_received(path, home, me, store)
+            if again is not None:
+                return again
+            _record_refused(rec, path, home, me, e)
+            raise
         except Refused as e:
             _record_refused(rec, path, home, me, e)
             raise
     return ReceivedModel(version, dest, vb.statement, vb.bundle_digest)
+
+
+def _recorded(home: Path, me: SiteIdentity, info: VersionInfo) -> bool:
+    """Whether this site's ledger holds the ``bundle_received`` record of ``info``."""
+    from transfer.ledger import Ledger, ledger_url
+
+    digest = info.tags.get(TAG + "bundle_digest")
+    with Ledger(ledger_url(home), me.site) as ledger:
+        return any(r.fields.get("bundle_file") == digest
+                   and r.fields.get("local_model") == info.ref.name
+                   and r.fields.get("local_version") == info.ref.version
+                   for r in ledger.records(kind=RecordKind.BUNDLE_RECEIVED))
+
+
+def _registered(home: Path, me: SiteIdentity, store: ModelStore, name: str,
+                bundle_digest: str) -> VersionInfo | None:
+    """The version this bundle was registered and recorded as, if any."""
+    for info in store.received_versions(name, bundle_digest):
+        if _recorded(home, me, info):
+            return info
+    return None
+
+
+def _already_received(path: Path, home: Path, me: SiteIdentity,
+                      store: ModelStore) -> ReceivedModel | None:
+    """A refused-as-not-newer bundle that is the very one registered here: a no-op."""
+    try:
+        env = read_envelope(path)
+        digest = sha256_file(path)
+    except (PasserelleError, OSError):
+        return None
+    t = env.header.transfer
+    done = _registered(home, me, store, received_name(t.sender.site, t.model), digest)
+    if done is None:
+        return None
+    dest = home / RECEIVED_DIR / t.sender.site / t.model / f"{t.version}-{t.sequence}"
+    try:
+        statement = read_statement(dest / MODEL_DIR)
+    except PasserelleError:
+        return None
+    if statement.transfer != t:
+        return None
+    return ReceivedModel(done, dest, statement, digest, True)
 
 
 def _record_received(rec: Recorder, vb: VerifiedBundle, info: VersionInfo) -> None:

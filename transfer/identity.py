@@ -38,6 +38,10 @@ import pyrage  # type: ignore[import-untyped]
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from passerelle.digests import canonical_json, sha256_bytes
 from transfer.errors import BadIdentityFile, IdentityError, SignatureInvalid
@@ -78,18 +82,40 @@ def parse_fingerprint(text: str) -> Fingerprint:
     return Fingerprint(value)
 
 
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
 def sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> str:
-    """ECDSA P-256 / SHA-256 signature, base64 of the DER encoding."""
-    return base64.b64encode(key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+    """ECDSA P-256 / SHA-256 signature, base64 of the DER encoding, low-s (s <= n/2)."""
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    if s > _P256_ORDER // 2:
+        s = _P256_ORDER - s
+    return base64.b64encode(encode_dss_signature(r, s)).decode()
 
 
-def verify(key: ec.EllipticCurvePublicKey, data: bytes, signature: str, what: str) -> None:
-    """Raise :class:`SignatureInvalid` unless ``signature`` is ``key``'s over ``data``."""
+def verify(key: ec.EllipticCurvePublicKey, data: bytes, signature: str, what: str,
+           canonical: bool = False) -> None:
+    """Raise :class:`SignatureInvalid` unless ``signature`` is ``key``'s over ``data``.
+
+    ``canonical``: also refuse any other encoding of a valid signature than the one
+    :func:`sign` writes (padded standard base64 that round-trips, DER as re-encoded,
+    low s), so that one signed document has exactly one byte form (the outer header).
+    """
     try:
         raw = base64.b64decode(signature.encode("ascii"), validate=True)
+        if canonical:
+            r, s = decode_dss_signature(raw)
+            if base64.b64encode(raw).decode("ascii") != signature:
+                raise ValueError("base64 is not canonical")
+            if encode_dss_signature(r, s) != raw:
+                raise ValueError("DER is not canonical")
+            if s > _P256_ORDER // 2:
+                raise ValueError("high-s signature")
         key.verify(raw, data, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, binascii.Error, ValueError, UnicodeEncodeError) as e:
-        raise SignatureInvalid(f"{what}: signature does not verify") from e
+        detail = f" ({e})" if canonical and isinstance(e, ValueError) and \
+            not isinstance(e, binascii.Error) and str(e) else ""
+        raise SignatureInvalid(f"{what}: signature does not verify{detail}") from e
 
 
 def load_public_key(pem: str) -> ec.EllipticCurvePublicKey:
@@ -181,15 +207,16 @@ class PublicIdentity:
 
     @classmethod
     def from_file(cls, path: Path) -> PublicIdentity:
+        from transfer import strict_json
+
         try:
             if path.stat().st_size > MAX_IDENTITY_FILE:
                 raise BadIdentityFile(f"{path}: too large for an identity file")
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
         except OSError as e:
             raise IdentityError(f"{path}: cannot read: {e.strerror}") from e
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadIdentityFile(f"{path}: not a JSON identity file") from e
-        return cls.from_json(doc)
+        return cls.from_json(strict_json.loads(raw, str(path), BadIdentityFile,
+                                               MAX_IDENTITY_FILE, 4, "a JSON identity file"))
 
 
 @dataclass(frozen=True)
@@ -211,16 +238,29 @@ class SiteIdentity:
         return self.public.fingerprint
 
 
-def read_passphrase(prompt: str, confirm: bool = False) -> str | None:
-    """``PASSERELLE_PASSPHRASE`` if set, else a prompt on a terminal, else None."""
+def read_passphrase(prompt: str, confirm: bool = False,
+                    required: bool = False) -> str | None:
+    """``PASSERELLE_PASSPHRASE`` if set, else a prompt on a terminal, else None.
+
+    ``required`` (``--ask-passphrase``): no variable and no terminal is an
+    :class:`IdentityError` (bad input), never a silent fall-back to no passphrase; so is
+    an empty answer.
+    """
     value = os.environ.get(PASSPHRASE_ENV)
     if value is not None:
+        if required and not value:
+            raise IdentityError(f"{PASSPHRASE_ENV} is set but empty")
         return value or None
     if not sys.stdin.isatty():
+        if required:
+            raise IdentityError(f"a passphrase was asked for but there is no terminal to "
+                                f"type it on: set {PASSPHRASE_ENV} instead")
         return None
     first = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != first:
         raise IdentityError("the two passphrases differ")
+    if required and not first:
+        raise IdentityError("an empty passphrase was given")
     return first or None
 
 
@@ -255,56 +295,115 @@ def init_site(home: Path, name: str, passphrase: str | None = None,
 
 def rotate_site(home: Path, passphrase: str | None = None,
                 now: datetime | None = None) -> PublicIdentity:
-    """New keys for this site, published with a signature by the current key."""
+    """New keys for this site, published with a signature by the current key.
+
+    The new private keys keep the protection the site chose: encrypted with the same
+    passphrase when the current keys are, never written in clear then. Atomic: the new
+    folder is built beside the current one, swapped in, and the ``trust_rotated`` record
+    appended; if anything fails (the record included), the swap is undone, so the old
+    identity stays whole and no record names a key that is not in place.
+    """
+    from transfer.acts import recorder
+
     current = load_site(home, passphrase)
     target = identity_dir(home)
-    work = Path(tempfile.mkdtemp(prefix=".identity-", dir=home))
     try:
-        public = _write_keys(work, current.site, passphrase, now, previous=current)
-        # Copies, so that the current identity stays whole until the final swap
-        # (the temporary folder is 0700; copy2 keeps the 0600 modes).
-        retired = work / "retired"
-        if (target / "retired").is_dir():
-            shutil.copytree(target / "retired", retired)
-        else:
-            retired.mkdir(mode=0o700)
-        keep = retired / current.fingerprint.removeprefix("sha256:")
-        keep.mkdir(mode=0o700)
-        for name in (PUBLIC_FILE, SIGNING_KEY_FILE, AGE_PLAIN_FILE, AGE_SEALED_FILE):
-            if (target / name).exists():
-                shutil.copy2(target / name, keep / name)
-        _record_rotation(home, current, public)  # signed by the key being retired
-        stale = home / f".identity-old-{os.getpid()}"
-        os.rename(target, stale)
-        os.rename(work, target)
-        shutil.rmtree(stale, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        with recorder(home, current) as rec:  # an unusable ledger stops it here
+            work = Path(tempfile.mkdtemp(prefix=".identity-", dir=home))
+            stale = home / f".identity-old-{os.getpid()}"
+            swapped = False
+            try:
+                public = _write_keys(work, current.site, current.passphrase, now,
+                                     previous=current)
+                _retire(target, work, current)
+                os.rename(target, stale)
+                os.rename(work, target)
+                swapped = True
+                _record_rotation(rec, current, public)  # signed by the key being retired
+            except BaseException:
+                if swapped:
+                    os.rename(target, work)
+                    os.rename(stale, target)
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        raise IdentityError(f"{target}: cannot rotate the site's keys: "
+                            f"{e.strerror or e} (the current keys are unchanged)") from e
     return public
 
 
-def _record_rotation(home: Path, current: SiteIdentity, new: PublicIdentity) -> None:
-    """Append the ``trust_rotated`` record of this site's own rotation (before the swap)."""
-    from transfer.acts import recorder, subject
+def _retire(target: Path, work: Path, current: SiteIdentity) -> None:
+    """Copy the current keys (and earlier retired ones) under ``work/retired/``; copies,
+    so that the current identity stays whole until the swap (copy2 keeps 0600)."""
+    retired = work / "retired"
+    if (target / "retired").is_dir():
+        shutil.copytree(target / "retired", retired)
+    else:
+        retired.mkdir(mode=0o700)
+    keep = retired / current.fingerprint.removeprefix("sha256:")
+    keep.mkdir(mode=0o700)
+    for name in (PUBLIC_FILE, SIGNING_KEY_FILE, AGE_PLAIN_FILE, AGE_SEALED_FILE):
+        if (target / name).exists():
+            shutil.copy2(target / name, keep / name)
+
+
+def _record_rotation(rec: Any, current: SiteIdentity, new: PublicIdentity) -> None:
+    """Append the ``trust_rotated`` record of this site's own rotation."""
+    from transfer.acts import subject
     from transfer.records import RecordKind
 
-    with recorder(home, current) as rec:
-        rec.record(RecordKind.TRUST_ROTATED,
-                   subject("key", new.site, new.fingerprint)
-                   + subject("key", f"{new.site}/previous", current.fingerprint),
-                   {"peer": new.site, "fingerprint": new.fingerprint,
-                    "previous_fingerprint": current.fingerprint, "own_key": True})
+    rec.record(RecordKind.TRUST_ROTATED,
+               subject("key", new.site, new.fingerprint)
+               + subject("key", f"{new.site}/previous", current.fingerprint),
+               {"peer": new.site, "fingerprint": new.fingerprint,
+                "previous_fingerprint": current.fingerprint, "own_key": True})
+
+
+# PKCS#8 private-key encryption: PBES2 with PBKDF2-HMAC-SHA256 at 600,000 iterations and
+# AES-256-CBC, the OWASP Password Storage Cheat Sheet's recommendation for PBKDF2-HMAC-
+# SHA256 (2023 revision). cryptography's BestAvailableEncryption uses 2,048 iterations
+# and its encryption_builder() is not offered for PKCS#8, so the standard structure
+# (RFC 8018 / RFC 5958) is assembled with asn1crypto from cryptography's primitives;
+# cryptography and OpenSSL read it back.
+PBKDF2_ITERATIONS = 600_000
+
+
+def encrypt_private_key(key: ec.EllipticCurvePrivateKey, passphrase: str) -> bytes:
+    """PEM ``ENCRYPTED PRIVATE KEY`` of ``key`` (PBES2, PBKDF2-HMAC-SHA256, AES-256-CBC)."""
+    from asn1crypto import algos, core, keys  # type: ignore[import-untyped]
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+    salt, iv = os.urandom(16), os.urandom(16)
+    kek = PBKDF2HMAC(hashes.SHA256(), 32, salt, PBKDF2_ITERATIONS).derive(passphrase.encode())
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    padder = padding.PKCS7(128).padder()
+    encryptor = Cipher(algorithms.AES(kek), modes.CBC(iv)).encryptor()
+    sealed = encryptor.update(padder.update(der) + padder.finalize()) + encryptor.finalize()
+    info = keys.EncryptedPrivateKeyInfo({
+        "encryption_algorithm": {"algorithm": "pbes2", "parameters": {
+            "key_derivation_func": {"algorithm": "pbkdf2", "parameters": {
+                "salt": algos.Pbkdf2Salt(name="specified", value=core.OctetString(salt)),
+                "iteration_count": PBKDF2_ITERATIONS, "prf": {"algorithm": "sha256"}}},
+            "encryption_scheme": {"algorithm": "aes256_cbc",
+                                  "parameters": core.OctetString(iv)}}},
+        "encrypted_data": sealed})
+    text = base64.b64encode(info.dump()).decode("ascii")
+    lines = "\n".join(text[i:i + 64] for i in range(0, len(text), 64))
+    return (f"-----BEGIN ENCRYPTED PRIVATE KEY-----\n{lines}\n"
+            "-----END ENCRYPTED PRIVATE KEY-----\n").encode("ascii")
 
 
 def _write_keys(work: Path, site: SiteName, passphrase: str | None, now: datetime | None,
                 previous: SiteIdentity | None) -> PublicIdentity:
     key = ec.generate_private_key(ec.SECP256R1())
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase.encode()) if passphrase
-        else serialization.NoEncryption())
-    _write_private(work / SIGNING_KEY_FILE, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    _write_private(work / SIGNING_KEY_FILE, encrypt_private_key(key, passphrase) if passphrase
+                   else key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
     age_identity = pyrage.x25519.Identity.generate()
     secret = str(age_identity).encode()
     if passphrase:

@@ -35,7 +35,10 @@ def add_to(sub: Subparsers) -> None:
         group, "receive", receive, "verify a bundle, install and register its model",
         "Everything `bundle verify` checks; then install the model atomically under\n"
         "received/ in the home and register it in this site's MLflow registry with lineage\n"
-        "tags. A refused bundle leaves no plaintext and no registry entry.")
+        "tags, as SENDER.MODEL (e.g. CHU-X.pmsi-coder; never merged into a local model).\n"
+        "A refused bundle leaves no plaintext and no registry entry. Receiving a bundle\n"
+        "already registered here does nothing and says so (exit 0); a receive killed\n"
+        "half-way is completed or undone by the next one.")
     p.add_argument("file", type=Path, metavar="FILE")
 
 
@@ -73,8 +76,10 @@ def receive(args: argparse.Namespace) -> int:
     doc = {"model": result.version.ref.name, "version": result.version.ref.version,
            "directory": str(result.directory), "bundle_digest": result.bundle_digest,
            "sender": t.sender.site, "source_version": t.version, "sequence": t.sequence,
-           "tags": dict(result.version.tags)}
+           "tags": dict(result.version.tags), "already_received": result.already}
     emit(args, doc, lambda: console.print(
+        f"{t.model}/{t.version} from {t.sender.site} was already received: registered as "
+        f"{result.version.ref} (nothing done)" if result.already else
         f"received {t.model}/{t.version} from {t.sender.site}: registered as "
         f"{result.version.ref} in {result.directory}"))
     return 0

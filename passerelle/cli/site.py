@@ -40,7 +40,10 @@ def add_to(sub: Subparsers) -> None:
         group, "rotate", rotate, "replace this site's keys, vouched for by the current key",
         "Create new keys; the new public identity is signed by the current key too, so a\n"
         "site that trusts the current key accepts the new one with `trust add` alone.\n"
-        "Old keys are kept under identity/retired/.")
+        "The new private keys are encrypted with the current passphrase when the current\n"
+        "ones are (from $" + PASSPHRASE_ENV + " or asked on the terminal). Atomic: on any\n"
+        "failure the current keys stay and nothing is recorded. Old keys are kept under\n"
+        "identity/retired/.")
     policy = group.add_parser(
         "policy", help="the site's own settings (budget cap, pinned audit policy, ...)"
     ).add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
@@ -65,7 +68,7 @@ def add_to(sub: Subparsers) -> None:
 
 def _passphrase(args: argparse.Namespace) -> str | None:
     if getattr(args, "ask_passphrase", False):
-        return read_passphrase("new passphrase: ", confirm=True)
+        return read_passphrase("new passphrase: ", confirm=True, required=True)
     return os.environ.get(PASSPHRASE_ENV) or None
 
 

@@ -1,0 +1,194 @@
+"""SIGKILL at random points of ``bundle receive`` and ``bundle create`` (real CLI
+processes, real MLflow, real ledger): after each kill, and after the run that follows,
+no version is registered twice, no plaintext is outside the home's private areas, no
+receive run holds the model without a version, the ledger matches the registry, and no
+sequence number is used twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from registry.store import RECEIVE_TAG, TAG, ModelStore
+from tests.transfer_support import Site, forge, make_site, ship_dir, trust
+from transfer.ledger import Ledger, ledger_url
+from transfer.records import RecordKind
+
+PLAINTEXT = {"model.onnx", "transfer_statement.json", "vocabulary.json", "labels.json",
+             "model_card.json", "model.sig", "payload.tar"}
+PRIVATE = {".receiving", ".sending", "received", "mlartifacts"}  # all under a 0700 home
+
+
+def _cli(*args: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen([sys.executable, "-m", "passerelle.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc: subprocess.Popen[bytes], reached: Callable[[], bool],
+               delay: float) -> bool:
+    """SIGKILL ``proc`` ``delay`` seconds after ``reached()`` first holds (unless it
+    ended first); whether it was killed."""
+    deadline = time.monotonic() + 300
+    while not reached():
+        if proc.poll() is not None:
+            proc.communicate()
+            return False
+        assert time.monotonic() < deadline, "the command never reached that point"
+        time.sleep(0.01)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        proc.communicate()
+        return False
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return True
+
+
+def _timed(*args: str) -> float:
+    start = time.monotonic()
+    proc = _cli(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    return time.monotonic() - start
+
+
+def _plaintext_outside(root: Path, home: Path) -> list[Path]:
+    """Plaintext files under ``root`` outside ``home``'s private areas (the sender's
+    source folders under ``root/src`` excepted)."""
+    found = []
+    for path in root.rglob("*"):
+        if root / "src" in path.parents:
+            continue
+        if path.is_file() and path.name in PLAINTEXT:
+            inside = home in path.parents and path.relative_to(home).parts[0] in PRIVATE
+            if not inside:
+                found.append(path)
+    return found
+
+
+def _check_receiver(y: Site, root: Path, settled: bool) -> None:
+    store = ModelStore(y.home)
+    versions = store.client.search_model_versions("name = 'X.pmsi-coder'")
+    digests = [v.tags.get(TAG + "bundle_digest") for v in versions]
+    assert len(digests) == len(set(digests)), "a bundle registered twice"
+    assert _plaintext_outside(root, y.home) == []
+    if not settled:
+        return
+    with Ledger(ledger_url(y.home), "Y") as ledger:
+        recorded = sorted((r.fields["local_model"], r.fields["local_version"])
+                          for r in ledger.records(kind=RecordKind.BUNDLE_RECEIVED))
+    assert recorded == sorted((v.name, str(v.version)) for v in versions)
+    linked = {v.run_id for v in versions}
+    runs = store.client.search_runs([store._experiment()],
+                                    filter_string=f"tags.`{RECEIVE_TAG}` LIKE '%'")
+    assert {r.info.run_id for r in runs} <= linked, "a receive run without its version"
+    assert list((y.home / ".receiving").iterdir()) == []
+
+
+def test_receive_killed_at_random_points_registers_each_bundle_once(tmp_path: Path) -> None:
+    from transfer.exchange import receive_bundle
+
+    rng = random.Random(12)  # noqa: S311 - test kill points, not security
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    trust(x, y)
+    trust(y, x)
+    now = datetime.now(UTC)
+    bundles = [forge(tmp_path / f"b{i}.bundle", x, [y],
+                     ship_dir(tmp_path / "src", name=f"s{i}"), version=str(i),
+                     sequence=i, now=now) for i in (1, 2, 3, 4)]
+    store = ModelStore(y.home)
+    receive_bundle(bundles[0], y.home, store, identity=y.identity)
+    _check_receiver(y, tmp_path, settled=True)
+    artifacts = y.home / "mlartifacts"
+    runs_before = len(list(artifacts.rglob("onnx")))
+    phases: list[Callable[[], bool]] = [
+        lambda: any((y.home / ".receiving").glob("rx-*/content")),  # decrypting
+        lambda: (y.home / "received" / "X" / "pmsi-coder" / "3-3").exists(),  # installed
+        lambda: len(list(artifacts.rglob("onnx"))) > runs_before,  # logging the run
+    ]
+    kills = 0
+    for bundle, phase in zip(bundles[1:], phases, strict=True):
+        proc = _cli("bundle", "receive", str(bundle), "--home", str(y.home))
+        kills += _kill_when(proc, phase, rng.uniform(0.0, 0.3))
+        _check_receiver(y, tmp_path, settled=False)
+        runs_before = len(list(artifacts.rglob("onnx")))
+        done = receive_bundle(bundle, y.home, store, identity=y.identity)  # the next run
+        _check_receiver(y, tmp_path, settled=True)
+        again = receive_bundle(bundle, y.home, store, identity=y.identity)
+        assert again.already and again.version.ref == done.version.ref
+    # one version per bundle (a version left without its record by a kill is removed
+    # and the bundle registered again: MLflow does not reuse its number)
+    versions = store.client.search_model_versions("name = 'X.pmsi-coder'")
+    assert sorted(v.tags[TAG + "source_version"] for v in versions) == ["1", "2", "3", "4"]
+    assert kills >= 2, f"only {kills} of 3 runs were killed before they ended"
+
+
+def _exported_version(home: Path, root: Path) -> str:
+    """A registered version with a logged ONNX export and a recorded export override, as
+    ``model export --override`` leaves it (real MLflow, tiny ONNX)."""
+    from passerelle.digests import sha256_file
+
+    store = ModelStore(home)
+    ship = ship_dir(root / "src", name="export")
+    (ship / "model.onnx").write_bytes((ship / "model.onnx").read_bytes() + bytes(4 << 20))
+    (ship / "model_card.json").write_text(json.dumps({"parity": {
+        "inputs": 8, "max_abs_diff": 0.0, "top1_agreement": 1.0, "tolerance": 1e-4}}))
+    digest = sha256_file(ship / "model.onnx")
+    client = store.client
+    run = client.create_run(store._experiment())
+    client.log_artifacts(run.info.run_id, str(ship), "onnx")
+    client.create_registered_model("pmsi-coder")
+    client.create_model_version("pmsi-coder", f"{run.info.artifact_uri}/onnx",
+                                run_id=run.info.run_id, tags={
+                                    TAG + "onnx_digest": digest,
+                                    TAG + "export.override.onnx_digest": digest,
+                                    TAG + "export.override.approver": "Test"})
+    return "pmsi-coder/1"
+
+
+def test_create_killed_at_random_points_leaves_no_plaintext_and_no_reused_sequence(
+        tmp_path: Path) -> None:
+    from registry.store import VersionRef
+    from transfer.bundle import read_envelope
+    from transfer.exchange import create_bundle
+
+    rng = random.Random(7)  # noqa: S311 - test kill points, not security
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    trust(x, y)
+    ref = _exported_version(x.home, tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    sending = x.home / ".sending"
+    phases: list[Callable[[], bool]] = [
+        lambda: any(sending.glob("tx-*/onnx")),  # exported folder fetched
+        lambda: any(out_dir.glob("*.partial")),  # encrypting
+    ]
+    kills = 0
+    for i, phase in enumerate(phases):
+        out = out_dir / f"killed-{i}"
+        proc = _cli("bundle", "create", ref, "--to", "Y", "--out", str(out), "--home",
+                    str(x.home))
+        kills += _kill_when(proc, phase, rng.uniform(0.0, 0.2))
+        leftovers = [p for p in out_dir.iterdir() if p != out]
+        assert all(p.name.endswith(".partial") for p in leftovers), leftovers  # ciphertext
+        assert _plaintext_outside(tmp_path, x.home) == []
+    create_bundle(x.home, ModelStore(x.home), VersionRef.parse(ref), ["Y"], out_dir / "last")
+    assert [p.name for p in (x.home / ".sending").iterdir()] == []  # leftovers removed
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        sequences = [r.fields["sequence"]
+                     for r in ledger.records(kind=RecordKind.BUNDLE_CREATED)]
+    assert len(sequences) == len(set(sequences)), sequences
+    written = [read_envelope(p).header.transfer.sequence for p in out_dir.iterdir()
+               if not p.name.endswith(".partial")]
+    assert len(written) == len(set(written)) and set(written) <= set(sequences)
+    assert kills >= 1, "no create was killed before it ended"
