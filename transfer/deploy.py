@@ -307,8 +307,9 @@ def _verify_received(home: Path, info: VersionInfo, model: Path, work: Path,
                   if (p.parent / "model" / ONNX_FILE).is_file()
                   and sha256_file(p.parent / "model" / ONNX_FILE) == expected]
     if expected is None or not signatures:
-        raise NotVerified(f"{info.ref}: no bundle signature of the recorded ONNX bytes "
-                          f"under {home / 'received'}")
+        raise NotVerified(f"{info.ref}: no bundle installed under {home / 'received'} holds "
+                          f"the ONNX bytes the ledger recorded on receipt ({expected}): the "
+                          "model was changed after it was received, or its bundle is gone")
     _check_signature(info.ref, model, signatures[0], sender.signing_key_pem, work,
                      f"the sender's ({site})")
     try:
