@@ -97,6 +97,17 @@ class VersionInfo:
     tags: Mapping[str, str]
 
 
+HTTP_DEFAULTS = {
+    # MLflow waits 120 s per request and retries 7 times with exponential backoff (about
+    # 4 minutes of silence against a server that is down). Ours: at most 3 attempts of
+    # 10 s each. The user's own values win (set them in the environment).
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+"""Connection settings for MLflow tracking servers (http:// and https:// stores)."""
+
+
 def default_tracking_uri(home: Path) -> str:
     """MLFLOW_TRACKING_URI if set, else a SQLite store in the site's home."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.resolve() / 'mlflow.db'}"
@@ -111,6 +122,9 @@ class ModelStore:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         # MLflow prints run links on stdout for HTTP stores, which would break --json.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        if self.uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         self._client_cache: Any = None
         self._experiment_id: str | None = None
 
@@ -124,7 +138,8 @@ class ModelStore:
             # MLflow sets its loggers up when imported; quiet them after that.
             for name in ("mlflow", "alembic"):
                 logging.getLogger(name).setLevel(logging.WARNING)
-            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            with _store_errors(self.uri):  # a bogus URI is one line, not a traceback
+                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             if self.uri.startswith("sqlite:") and self.home.is_dir():
                 # Two first commands on a fresh home would both create MLflow's schema
                 # (and one fail): create it under the home's lock.

@@ -89,6 +89,7 @@ TABLE = "ledger_records"
 CHECKPOINT_TYPE = f"{PREDICATE_PREFIX}checkpoint/v1"
 MAX_EXPORT_LINE = (1 << 20) + 1
 SQLITE_BUSY_SECONDS = 30.0  # how long one SQLite transaction waits for the write lock
+CONNECT_SECONDS = 5  # how long a PostgreSQL connection may take before the ledger is unreachable
 APPEND_DEADLINE_SECONDS = 120.0  # after which an append stops retrying conflicts
 
 DigestChecker = Callable[[Record], str | None]
@@ -247,8 +248,9 @@ class Ledger:
         self._after_insert = after_insert
         self._postgres = self.url.get_backend_name() == "postgresql"
         try:
-            self._engine = (create_engine(self.url, connect_args={"connect_timeout": 10})
-                            if self._postgres else _sqlite_engine(self.url))
+            self._engine = (
+                create_engine(self.url, connect_args={"connect_timeout": CONNECT_SECONDS})
+                if self._postgres else _sqlite_engine(self.url))
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
             raise LedgerUnreachable(f"{_shown(self.url)}: {e}") from e
         self._create_schema()

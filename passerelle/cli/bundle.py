@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
+from passerelle.cli._common import (
+    Subparsers,
+    add_command,
+    add_out,
+    check_out_file,
+    console,
+    emit,
+    existing_file,
+    home_of,
+    output_file,
+)
 from registry.store import ModelStore, VersionRef
 from transfer.exchange import create_bundle, describe, receive_bundle, verify_bundle
 
@@ -20,17 +29,17 @@ def add_to(sub: Subparsers) -> None:
         "recipients, model, version, sequence number, created/expires, purpose, legal\n"
         "basis), sign it with OpenSSF Model Signing, pack it deterministically, encrypt it\n"
         "with age to the recipients and write a signed outer header.")
-    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
     p.add_argument("--to", action="append", required=True, metavar="SITE",
                    help="a trusted recipient site (repeatable)")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    add_out(p, "file", "the bundle file to write")
     p = add_command(
         group, "verify", verify, "check a bundle (decrypting in a private place)",
         "Check the outer header against the trust store without decrypting; with this\n"
         "site's identity, also decrypt into a private temporary folder and check the\n"
         "archive, the model signature, the statement and the ONNX model, then delete it.\n"
         "Exit 1 with the reason if any check fails.")
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", type=existing_file, metavar="FILE", help="the bundle")
     p = add_command(
         group, "receive", receive, "verify a bundle, install and register its model",
         "Everything `bundle verify` checks; then install the model atomically under\n"
@@ -39,20 +48,22 @@ def add_to(sub: Subparsers) -> None:
         "A refused bundle leaves no plaintext and no registry entry. Receiving a bundle\n"
         "already registered here does nothing and says so (exit 0); a receive killed\n"
         "half-way is completed or undone by the next one.")
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", type=existing_file, metavar="FILE", help="the bundle")
 
 
 def create(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    result = create_bundle(home, ModelStore(home), VersionRef.parse(args.ref), args.to,
-                           args.out)
+    ref = VersionRef.parse(args.ref)
+    check_out_file(args.out, args.force)
+    home = home_of(args, writes=True)
+    with output_file(args.out, args.force) as tmp:
+        result = create_bundle(home, ModelStore(home), ref, args.to, tmp)
     t = result.statement.transfer
-    doc = {"out": str(result.path), "bundle_digest": result.digest, "size": result.size,
+    doc = {"out": str(args.out), "bundle_digest": result.digest, "size": result.size,
            "model": t.model, "version": t.version, "sequence": t.sequence,
            "recipients": [r.site for r in t.recipients], "expires": t.expires}
     emit(args, doc, lambda: console.print(
         f"sealed {t.model}/{t.version} (sequence {t.sequence}) for "
-        f"{', '.join(r.site for r in t.recipients)} in {result.path} ({result.size} bytes, "
+        f"{', '.join(r.site for r in t.recipients)} in {args.out} ({result.size} bytes, "
         f"{result.digest}); expires {t.expires}"))
     return 0
 
@@ -70,7 +81,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def receive(args: argparse.Namespace) -> int:
-    home = home_of(args)
+    home = home_of(args, writes=True)
     result = receive_bundle(args.file, home, ModelStore(home))
     t = result.statement.transfer
     doc = {"model": result.version.ref.name, "version": result.version.ref.version,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from passerelle import steps
 from passerelle.cli._common import (
+    SEED,
     Subparsers,
     add_command,
+    add_out,
     console,
     emit,
-    non_negative_int,
-    positive_int,
+    int_range,
+    output_dir,
 )
 from passerelle.corpus import SITES
+
+MAX_STAYS = 1_000_000  # about 3 GB of letters, held in memory while written
+MAX_CANARIES = 10_000
 
 
 def add_to(sub: Subparsers) -> None:
@@ -28,16 +32,20 @@ def add_to(sub: Subparsers) -> None:
         "determined by the seed.\nThe folder must not exist or be empty.",
     )
     p.add_argument("--site", required=True, choices=SITES, help="site profile")
-    p.add_argument("--stays", required=True, type=positive_int, metavar="N",
-                   help="number of stays (canaries come on top)")
-    p.add_argument("--seed", required=True, type=int, metavar="S")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
-    p.add_argument("--canaries", type=non_negative_int, default=0, metavar="K",
-                   help="plant K canary stays carrying a random secret (default 0)")
+    p.add_argument("--stays", required=True, type=int_range(1, MAX_STAYS), metavar="N",
+                   help=f"number of stays, 1 to {MAX_STAYS:,} (canaries come on top)")
+    p.add_argument("--seed", required=True, type=SEED, metavar="S",
+                   help="generation seed, 0 to 2^32-1")
+    add_out(p, "dir", "the new corpus folder (must not exist, or be empty)")
+    p.add_argument("--canaries", type=int_range(0, MAX_CANARIES), default=0, metavar="K",
+                   help=f"plant K canary patients carrying a random secret, 0 to "
+                   f"{MAX_CANARIES:,} (default 0)")
 
 
 def generate(args: argparse.Namespace) -> int:
-    corpus = steps.generate_corpus(args.site, args.stays, args.seed, args.canaries, args.out)
+    with output_dir(args.out):
+        corpus = steps.generate_corpus(args.site, args.stays, args.seed, args.canaries,
+                                       args.out)
     patients = len({s.patient_id for s in corpus.stays})
     doc = {"out": str(args.out), "site": corpus.site, "seed": corpus.seed,
            "stays": len(corpus.stays), "patients": patients,

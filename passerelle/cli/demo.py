@@ -17,9 +17,11 @@ from passerelle import steps
 from passerelle.cli._common import (
     Subparsers,
     add_command,
+    check_out_dir,
     console,
     emit,
-    positive_int,
+    int_range,
+    output_dir,
     progress_bar,
 )
 from passerelle.corpus import manifest_digest
@@ -63,11 +65,17 @@ def add_to(sub: Subparsers) -> None:
         "WORKDIR must not exist or be empty (default: a new passerelle-demo-<time> folder).\n"
         "--home is not used: each simulated site has its home under WORKDIR.",
     )
-    p.add_argument("--workdir", type=Path, metavar="DIR")
-    p.add_argument("--stays-x", type=positive_int, default=20000, metavar="N")
-    p.add_argument("--stays-y", type=positive_int, default=6000, metavar="N")
-    p.add_argument("--epochs", type=positive_int, default=4)
-    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="where everything goes; must not exist or be empty (default: a new "
+                   "passerelle-demo-<time> folder here)")
+    p.add_argument("--stays-x", type=int_range(1000, 1_000_000), default=20000, metavar="N",
+                   help="site X's stays, 1,000 to 1,000,000")
+    p.add_argument("--stays-y", type=int_range(500, 1_000_000), default=6000, metavar="N",
+                   help="site Y's stays, 500 to 1,000,000")
+    p.add_argument("--epochs", type=int_range(1, 1000), default=4,
+                   help="training epochs at X, 1 to 1,000")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 2), default=2026,
+                   help="0 to 2^32-2")
 
 
 @dataclass
@@ -100,9 +108,13 @@ class _Run:
 
 def demo(args: argparse.Namespace) -> int:
     work: Path = args.workdir or Path(f"passerelle-demo-{datetime.now():%Y%m%d-%H%M%S}")
-    if work.exists() and (not work.is_dir() or any(work.iterdir())):
-        raise BadInput(f"{work}: exists and is not empty; choose a new --workdir")
-    work.mkdir(parents=True, exist_ok=True)
+    check_out_dir(work)
+    with output_dir(work):  # a demo that fails or is interrupted leaves no folder
+        work.mkdir(exist_ok=True)
+        return _play(args, work)
+
+
+def _play(args: argparse.Namespace, work: Path) -> int:
     run = _Run(args, work)
     plan: list[tuple[str, Callable[[_Run], str]]] = [
         ("generate", _generate), ("sites", _sites), ("train", _train),

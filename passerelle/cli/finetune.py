@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from passerelle import steps
 from passerelle.cli._common import (
+    SEED,
     Subparsers,
     add_command,
     console,
     emit,
+    existing_dir,
+    float_range,
+    fraction,
     home_of,
-    positive_float,
-    positive_int,
+    int_range,
     progress_bar,
 )
 from passerelle.errors import BadInput
@@ -38,11 +40,14 @@ def add_to(sub: Subparsers) -> None:
         "keyed hash of the patient id) measure accuracy before/after: they never train and\n"
         "are not charged, so those figures are exact and outside the DP guarantee.",
     )
-    p.add_argument("ref", metavar="NAME/VERSION", nargs="?")
-    p.add_argument("--data", type=Path, metavar="DIR", help="the site's corpus (required)")
-    p.add_argument("--epsilon", type=float, metavar="E",
-                   help="target epsilon of this run (PLD, at --delta; required)")
-    p.add_argument("--delta", type=float, metavar="D",
+    p.add_argument("ref", metavar="NAME/VERSION", nargs="?",
+                   help="a version of this site's registry (required unless "
+                   "--rebuild-budget-store)")
+    p.add_argument("--data", type=existing_dir, metavar="DIR",
+                   help="the site's corpus (required)")
+    p.add_argument("--epsilon", type=float_range(0.0, 100.0), metavar="E",
+                   help="target epsilon of this run (PLD, at --delta), in (0, 100]; required")
+    p.add_argument("--delta", type=float_range(0.0, 1.0, high_open=True), metavar="D",
                    help="default and maximum: the site's per-run limit, min(1e-5, 1 / (10 x "
                    "released units)) unless privacy.delta_per_run_max says otherwise")
     p.add_argument("--privacy-unit", choices=[u.value for u in PrivacyUnit],
@@ -52,21 +57,22 @@ def add_to(sub: Subparsers) -> None:
     p.add_argument("--trainable", default="hidden,logits", metavar="LAYERS",
                    help="comma-separated layers (groups) that train (default hidden,logits; "
                    "the embedding trains only if named, slowly)")
-    p.add_argument("--epochs", type=positive_int, default=10,
-                   help="expected passes over the units (steps = epochs / q; default 10)")
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="EXPECTED",
+    p.add_argument("--epochs", type=int_range(1, 1000), default=10,
+                   help="expected passes over the units (steps = epochs / q), 1 to 1,000 "
+                   "(default 10)")
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=64, metavar="EXPECTED",
                    help="expected number of units per step (q = this / released units; "
                    "default 64)")
-    p.add_argument("--clip", type=positive_float, default=1.0,
-                   help="L2 clipping norm (default 1.0)")
-    p.add_argument("--learning-rate", type=positive_float, default=5e-3,
-                   help="Adam learning rate (default 5e-3)")
-    p.add_argument("--heldout-fraction", type=positive_float, default=0.2,
+    p.add_argument("--clip", type=float_range(0.0, 1e4), default=1.0,
+                   help="L2 clipping norm, in (0, 10,000] (default 1.0)")
+    p.add_argument("--learning-rate", type=float_range(0.0, 10.0), default=5e-3,
+                   help="Adam learning rate, in (0, 10] (default 5e-3)")
+    p.add_argument("--heldout-fraction", type=fraction, default=0.2,
                    help="share of patients held out by keyed hash (default 0.2; at least "
                    "10 held-out patients)")
     p.add_argument("--drop-unknown-codes", action="store_true",
                    help="drop stays whose code the model does not know (default: refuse)")
-    p.add_argument("--seed", type=int,
+    p.add_argument("--seed", type=SEED,
                    help="seed for sampling and noise: refused unless PASSERELLE_TESTING=1 "
                    "(the test suite); such a run is recorded as seeded, not private "
                    "(default: the operating system's entropy)")
@@ -77,17 +83,19 @@ def add_to(sub: Subparsers) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     if args.rebuild_budget_store:
-        home = home_of(args)
+        home = home_of(args, writes=True)
         n = steps.rebuild_budget_store(home)
         emit(args, {"rebuilt": True, "charges": n},
              lambda: console.print(f"budget store rebuilt from the ledger: {n} charge(s)"))
         return 0
     if args.ref is None or args.data is None or args.epsilon is None:
         raise BadInput("finetune needs NAME/VERSION, --data and --epsilon")
+    ref = VersionRef.parse(args.ref)
+    store = ModelStore(home_of(args, writes=True))
+    store.get(ref)  # an unknown version or an unreachable store, before TensorFlow loads
     from adapters.budget import COUNT_NOISE_STD
     from adapters.finetune import ACCURACY_SCOPE
 
-    ref = VersionRef.parse(args.ref)
     options = steps.finetune_options(
         epsilon=args.epsilon, delta=args.delta, privacy_unit=PrivacyUnit(args.privacy_unit),
         trainable=tuple(t.strip() for t in args.trainable.split(",")), epochs=args.epochs,
@@ -96,8 +104,7 @@ def finetune(args: argparse.Namespace) -> int:
         drop_unknown_codes=args.drop_unknown_codes, noise_seed=args.seed)
     rng = None if args.seed is None else np.random.default_rng(args.seed)
     with progress_bar(args) as progress:
-        r = steps.finetune_model(ModelStore(home_of(args)), ref, args.data, options, rng,
-                                 progress)
+        r = steps.finetune_model(store, ref, args.data, options, rng, progress)
     doc = {"model": r.version.ref.name, "version": r.version.ref.version,
            "source": str(r.source), "epsilon_pld": r.epsilon_pld, "epsilon_rdp": r.epsilon_rdp,
            "delta": r.delta, "epsilon_patient": r.epsilon_patient,

@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, replace
 from datetime import datetime
-from pathlib import Path
 
 from rich.table import Table
 
 from passerelle import steps
 from passerelle.cli._common import (
+    SEED,
     Subparsers,
     add_command,
+    add_out,
+    check_out_dir,
     console,
     emit,
+    existing_dir,
+    existing_file,
+    float_range,
+    fraction,
     home_of,
-    positive_float,
-    positive_int,
+    int_range,
+    output_dir,
     progress_bar,
 )
 from passerelle.errors import BadInput
@@ -47,29 +53,35 @@ def _add_train(group: Subparsers) -> None:
         "defaults: the header is not read, a token needs --min-patients distinct patients,\n"
         "identifier-shaped tokens are dropped.",
     )
-    p.add_argument("--data", required=True, type=Path, metavar="DIR", help="training corpus")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new model folder")
-    p.add_argument("--eval", dest="eval_data", action="append", type=Path, default=[],
+    p.add_argument("--data", required=True, type=existing_dir, metavar="DIR",
+                   help="training corpus")
+    add_out(p, "dir", "the new model folder (must not exist, or be empty)")
+    p.add_argument("--eval", dest="eval_data", action="append", type=existing_dir, default=[],
                    metavar="DIR", help="also report accuracy on this corpus (repeatable)")
     p.add_argument("--arch", choices=[a.value for a in Architecture],
                    default=Architecture.EMBEDDING_MEAN.value,
-                   help="embedding-mean (Keras, default) or logreg (scikit-learn)")
-    p.add_argument("--epochs", type=positive_int, default=4)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--learning-rate", type=positive_float, default=5e-3)
-    p.add_argument("--embedding-dim", type=positive_int, default=64)
-    p.add_argument("--hidden-units", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout-fraction", type=positive_float, default=0.2)
+                   help="embedding-mean (Keras) or logreg (scikit-learn)")
+    p.add_argument("--epochs", type=int_range(1, 1000), default=4, help="1 to 1,000")
+    p.add_argument("--batch-size", type=int_range(1, 65536), default=128, help="1 to 65,536")
+    p.add_argument("--learning-rate", type=float_range(0.0, 10.0), default=5e-3,
+                   help="in (0, 10]")
+    p.add_argument("--embedding-dim", type=int_range(1, 4096), default=64, help="1 to 4,096")
+    p.add_argument("--hidden-units", type=int_range(1, 65536), default=128,
+                   help="1 to 65,536")
+    p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1")
+    p.add_argument("--heldout-fraction", type=fraction, default=0.2,
+                   help="share of patients held out, in (0, 1)")
     v = p.add_argument_group("vocabulary (privacy-conscious defaults)")
-    v.add_argument("--min-patients", type=positive_int, default=5, metavar="K",
+    v.add_argument("--min-patients", type=int_range(1, 10**6), default=5, metavar="K",
                    help="a token needs K distinct patients to enter (default 5; 1 turns it off)")
     v.add_argument("--keep-identifiers", action="store_true",
                    help="keep identifier-shaped tokens (unsafe: for audit tests)")
     v.add_argument("--include-header", action="store_true",
                    help="also read the header with the patient's identifiers (unsafe)")
-    v.add_argument("--max-vocab", type=positive_int, default=5000)
-    v.add_argument("--max-len", type=positive_int, default=256)
+    v.add_argument("--max-vocab", type=int_range(1, 10**6), default=5000,
+                   help="largest vocabulary, 1 to 1,000,000")
+    v.add_argument("--max-len", type=int_range(1, 65536), default=256,
+                   help="tokens read per stay, 1 to 65,536")
 
 
 def _add_register(group: Subparsers) -> None:
@@ -80,17 +92,19 @@ def _add_register(group: Subparsers) -> None:
         "training site, privacy unit and the dataset fingerprint (a digest of the training\n"
         "corpus manifest, never the data). Store: $MLFLOW_TRACKING_URI, else SQLite in the home.",
     )
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
-    p.add_argument("--name", required=True)
-    p.add_argument("--purpose", required=True, metavar="TEXT")
-    p.add_argument("--legal-basis", required=True, metavar="TEXT")
-    p.add_argument("--data", type=Path, metavar="DIR",
+    p.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR",
+                   help="a folder written by `model train`")
+    p.add_argument("--name", required=True, help="the registered model's name")
+    p.add_argument("--purpose", required=True, metavar="TEXT", help="why it is processed")
+    p.add_argument("--legal-basis", required=True, metavar="TEXT",
+                   help="the GDPR legal basis")
+    p.add_argument("--data", type=existing_dir, metavar="DIR",
                    help="the training corpus; refused unless it is the one the model was "
-                   "trained on")
+                   "trained on (default: not checked)")
     p.add_argument("--controller", metavar="TEXT", help="data controller (default: the "
                    "training site)")
     p.add_argument("--privacy-unit", choices=[u.value for u in PrivacyUnit],
-                   default=PrivacyUnit.PATIENT.value)
+                   default=PrivacyUnit.PATIENT.value, help="what one person's data is")
 
 
 def _add_audit(group: Subparsers) -> None:
@@ -105,17 +119,18 @@ def _add_audit(group: Subparsers) -> None:
         "--members is the training corpus; --nonmembers is another corpus of the same site,\n"
         "or the training corpus again, whose held-out patients are then the non-members.",
     )
-    p.add_argument("ref", metavar="NAME/VERSION")
-    p.add_argument("--members", required=True, type=Path, metavar="DIR")
-    p.add_argument("--nonmembers", required=True, type=Path, metavar="DIR")
-    p.add_argument("--policy", type=Path, metavar="FILE",
+    p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
+    p.add_argument("--members", required=True, type=existing_dir, metavar="DIR",
+                   help="the training corpus")
+    p.add_argument("--nonmembers", required=True, type=existing_dir, metavar="DIR",
+                   help="a corpus of non-members (or the training corpus again)")
+    p.add_argument("--policy", type=existing_file, metavar="FILE",
                    help="policy TOML (default: the packaged passerelle-default)")
-    p.add_argument("--reference-models", type=positive_int, metavar="N",
-                   help="override the policy's number of reference models")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="where the JSON report and ROC plot go (default: "
-                   "HOME/audits/NAME-vVERSION-<time>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-models", type=int_range(1, 256), metavar="N",
+                   help="number of reference models, 1 to 256 (default: the policy's)")
+    add_out(p, "dir", "where the JSON report and ROC plot go (default: "
+            "HOME/audits/NAME-vVERSION-<time>)", required=False)
+    p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1")
 
 
 def _add_export(group: Subparsers) -> None:
@@ -129,12 +144,14 @@ def _add_export(group: Subparsers) -> None:
         "these exact ONNX bytes, or --override with a named approver and a justification,\n"
         "recorded on the version. Exit 1 if parity fails. Nothing is written to DIR then.",
     )
-    p.add_argument("ref", metavar="NAME/VERSION")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
+    add_out(p, "dir", "the new export folder (must not exist, or be empty)")
     p.add_argument("--override", action="store_true",
                    help="export without a PASS verdict (needs --approver and --justification)")
-    p.add_argument("--approver", metavar="NAME")
-    p.add_argument("--justification", metavar="TEXT")
+    p.add_argument("--approver", metavar="NAME",
+                   help="who takes responsibility for --override (default: none)")
+    p.add_argument("--justification", metavar="TEXT",
+                   help="why, recorded with --override (default: none)")
 
 
 def _add_withdraw(group: Subparsers) -> None:
@@ -182,7 +199,7 @@ def train(args: argparse.Namespace) -> int:
             seed=args.seed)
     except ValueError as e:
         raise BadInput(str(e)) from e
-    with progress_bar(args) as progress:
+    with output_dir(args.out), progress_bar(args) as progress:
         report = steps.train_model(args.data, args.out, config, args.eval_data, progress)
     doc = {"out": str(report.out_dir), "classes": report.classes,
            "vocabulary_size": report.vocabulary_size, "train_stays": report.train_stays,
@@ -205,7 +222,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def register(args: argparse.Namespace) -> int:
-    store = ModelStore(home_of(args))
+    store = ModelStore(home_of(args, writes=True))
     info = steps.register_model(store, args.model_dir, args.name, args.purpose,
                                 args.legal_basis, args.data, args.controller,
                                 PrivacyUnit(args.privacy_unit))
@@ -222,9 +239,11 @@ def audit(args: argparse.Namespace) -> int:
     if args.reference_models:
         policy = replace(policy, attacks=replace(policy.attacks,
                                                  reference_models=args.reference_models))
-    home = home_of(args)
+    if args.out is not None:
+        check_out_dir(args.out)
+    home = home_of(args, writes=True)
     out = args.out or home / "audits" / f"{ref.name}-v{ref.version}-{datetime.now():%Y%m%d-%H%M%S}"
-    with progress_bar(args) as progress:
+    with output_dir(out), progress_bar(args) as progress:
         result = steps.audit_model(ModelStore(home), ref, args.members, args.nonmembers, policy,
                                    out, progress, args.seed)
     doc = report_json(result) | {"report_dir": str(out)}
@@ -263,8 +282,10 @@ def export(args: argparse.Namespace) -> int:
         override = Override(args.approver, args.justification)
     elif args.approver or args.justification:
         raise BadInput("--approver and --justification go with --override")
-    store = ModelStore(home_of(args))
-    result = steps.export_model(store, ref, args.out, override)
+    check_out_dir(args.out)
+    store = ModelStore(home_of(args, writes=True))
+    with output_dir(args.out):
+        result = steps.export_model(store, ref, args.out, override)
     p = result.parity
     doc = {"model": ref.name, "version": ref.version, "out": str(result.directory),
            "onnx_digest": result.onnx_digest, "parity": asdict(p)}

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from passerelle.cli._common import Subparsers, add_command, console, emit, home_of
+from passerelle.cli._common import (
+    Subparsers,
+    add_command,
+    add_out,
+    check_out_file,
+    console,
+    emit,
+    existing_file,
+    home_of,
+    output_file,
+)
 from transfer.ledger import URL_ENV
 from transfer.ledger_site import (
     open_ledger,
@@ -39,11 +48,12 @@ def add_to(sub: Subparsers) -> None:
         return p
 
     p = command("list", list_, "list the site's records, oldest first")
-    p.add_argument("--model", metavar="NAME", help="only records about this model")
+    p.add_argument("--model", metavar="NAME", help="only records about this model "
+                   "(default: all)")
     p.add_argument("--since", type=_since, metavar="ISO", help="only records from this time "
-                   "on (UTC unless a zone is given)")
+                   "on, UTC unless a zone is given (default: all)")
     p.add_argument("--kind", type=RecordKind, choices=list(RecordKind), metavar="KIND",
-                   help="only records of this kind: " + ", ".join(RecordKind))
+                   help="only records of this kind (default: all): " + ", ".join(RecordKind))
     p = command("show", show, "print one record: its statement and envelope")
     p.add_argument("id", metavar="ID", help="record id (sha256:<hex>, or 8+ hex digits)")
     p = command(
@@ -53,18 +63,19 @@ def add_to(sub: Subparsers) -> None:
         "Dropped newest records are caught only against something kept elsewhere:\n"
         "--checkpoint (a head signed earlier with `records checkpoint`) or --peer (another\n"
         "site's export: every transfer between the two sites must appear at both ends).")
-    p.add_argument("--peer", type=Path, metavar="FILE", help="a peer site's records export")
-    p.add_argument("--checkpoint", type=Path, metavar="FILE",
-                   help="a checkpoint written by `records checkpoint`")
+    p.add_argument("--peer", type=existing_file, metavar="FILE",
+                   help="a peer site's records export (default: none)")
+    p.add_argument("--checkpoint", type=existing_file, metavar="FILE",
+                   help="a checkpoint written by `records checkpoint` (default: none)")
     p = command("export", export, "write the signed envelopes as JSON Lines",
                 "One DSSE envelope (in-toto statement v1) per line, in chain order; readable\n"
                 "without Passerelle (base64-decode each payload).")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    add_out(p, "file", "the JSON Lines file to write")
     p = command("checkpoint", checkpoint, "sign the chain head into a file kept elsewhere",
                 "Write a signed statement of the chain head (seq, id, time). Keep it outside\n"
                 "the ledger (another machine, the peer, the DPO's mail); `records verify\n"
                 "--checkpoint FILE` later refuses a ledger that no longer holds that head.")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+    add_out(p, "file", "the checkpoint file to write")
     p = add_command(
         group, "verify-report", verify_report, "check a report's or dossier's signature",
         "Check that FILE (a report or dossier written by `passerelle report`) is signed by\n"
@@ -72,7 +83,8 @@ def add_to(sub: Subparsers) -> None:
         "of it changed since (its digest is in the signed statement). An HTML page carries\n"
         "its DSSE envelope inside; a PDF carries it beside it, in FILE.pdf.dsse.json.\n"
         "Exit 1 if it does not verify.")
-    p.add_argument("file", type=Path, metavar="FILE", help="the report (.html or .pdf)")
+    p.add_argument("file", type=existing_file, metavar="FILE",
+                   help="the report (.html or .pdf)")
     p = command(
         "lineage", lineage, "versions derived from a dataset or a model, at every site",
         "From this site's ledger and its peers' exports (--peer, signatures checked with\n"
@@ -82,7 +94,7 @@ def add_to(sub: Subparsers) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--dataset", metavar="DIGEST", help="a dataset fingerprint sha256:<hex>")
     which.add_argument("--model", metavar="NAME/VERSION", help="a version of this site")
-    p.add_argument("--peer", type=Path, action="append", default=[], metavar="FILE",
+    p.add_argument("--peer", type=existing_file, action="append", default=[], metavar="FILE",
                    help="a peer site's `records export` (repeatable; default none)")
 
 
@@ -145,8 +157,10 @@ def verify_report(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    with open_ledger(home_of(args), args.ledger_url) as ledger:
-        count = ledger.export(args.out)
+    check_out_file(args.out, args.force)
+    with open_ledger(home_of(args), args.ledger_url) as ledger, \
+            output_file(args.out, args.force) as tmp:
+        count = ledger.export(tmp)
     doc = {"out": str(args.out), "records": count}
     emit(args, doc, lambda: console.print(f"{count} records written to {args.out}"))
     return 0
@@ -174,9 +188,11 @@ def lineage(args: argparse.Namespace) -> int:
 
 
 def checkpoint(args: argparse.Namespace) -> int:
+    check_out_file(args.out, args.force)
     home = home_of(args)
-    with open_ledger(home, args.ledger_url) as ledger:
-        cp = ledger.checkpoint(site_signer(home), args.out)
+    with open_ledger(home, args.ledger_url) as ledger, \
+            output_file(args.out, args.force) as tmp:
+        cp = ledger.checkpoint(site_signer(home), tmp)
     doc = {"out": str(args.out), **cp.to_json()}
     emit(args, doc, lambda: console.print(
         f"checkpoint of {cp.site} at seq {cp.seq} ({cp.head}) written to {args.out}; keep "

@@ -7,7 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from passerelle.cli._common import Subparsers, add_command, console, emit, home_of, one_line
+from passerelle.cli._common import (
+    Subparsers,
+    add_command,
+    check_out_file,
+    console,
+    emit,
+    existing_file,
+    home_of,
+    one_line,
+    parents_of,
+)
 from registry.store import VersionRef
 from transfer.i18n import LANGS, Lang
 from transfer.ledger import URL_ENV
@@ -41,10 +51,12 @@ def add_to(sub: Subparsers) -> None:
         "the same, and says where it broke).")
     p.add_argument("--out", type=_out, required=True, metavar="FILE.html|FILE.pdf",
                    help="where to write the page (.html, or .pdf through Chromium)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out file (atomically)")
     p.add_argument("--model", type=VersionRef.parse, metavar="NAME/VERSION",
                    help="write this version's status dossier instead of the site's report "
                         "(default: the site's report)")
-    p.add_argument("--peer", type=Path, action="append", default=[], metavar="FILE",
+    p.add_argument("--peer", type=existing_file, action="append", default=[], metavar="FILE",
                    help="a peer site's `records export`, verified with its pinned key, to show "
                         "whether each bundle sent to it was received (repeatable; default: "
                         "none, receipt unknown)")
@@ -55,18 +67,20 @@ def add_to(sub: Subparsers) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
+    check_out_file(args.out, args.force)  # the page itself is written atomically
     home = home_of(args)
     lang: Lang = args.lang
-    if args.model is not None:
-        from transfer.dossier import write_dossier
+    with parents_of(args.out):
+        if args.model is not None:
+            from transfer.dossier import write_dossier
 
-        built = write_dossier(home, args.model, args.out, lang, args.ledger_url).report
-        what = f"dossier of {args.model}"
-    else:
-        from transfer.report import write_report
+            built = write_dossier(home, args.model, args.out, lang, args.ledger_url).report
+            what = f"dossier of {args.model}"
+        else:
+            from transfer.report import write_report
 
-        built = write_report(home, args.out, args.ledger_url, lang=lang, peers=args.peer)
-        what = "report"
+            built = write_report(home, args.out, args.ledger_url, lang=lang, peers=args.peer)
+            what = "report"
     i = built.integrity
     doc = {"out": str(args.out), "site": built.site, "records": len(built.records),
            "lang": lang, "model": None if args.model is None else str(args.model),

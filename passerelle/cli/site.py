@@ -5,16 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
-from pathlib import Path
 
-from passerelle.cli._common import Subparsers, add_command, console, emit, err_console, home_of
+from passerelle.cli._common import (
+    Subparsers,
+    add_command,
+    add_out,
+    check_out_file,
+    console,
+    emit,
+    err_console,
+    home_of,
+    home_path,
+    output_file,
+    parents_of,
+    writable,
+)
+from passerelle.errors import BadInput
 from transfer.identity import (
     PASSPHRASE_ENV,
     init_site,
     public_identity,
     read_passphrase,
     rotate_site,
+    site_name,
 )
 from transfer.site_policy import KEYS, load_policy, set_value
 
@@ -35,7 +50,7 @@ def add_to(sub: Subparsers) -> None:
         group, "show", show, "print this site's public identity file",
         "Print the public identity (site name, signing key and its fingerprint, age\n"
         "recipient; self-signed) as the JSON file another site imports with `trust add`.")
-    p.add_argument("--out", type=Path, metavar="FILE", help="also write it to FILE")
+    add_out(p, "file", "also write it to FILE (default: stdout only)", required=False)
     add_command(
         group, "rotate", rotate, "replace this site's keys, vouched for by the current key",
         "Create new keys; the new public identity is signed by the current key too, so a\n"
@@ -73,7 +88,22 @@ def _passphrase(args: argparse.Namespace) -> str | None:
 
 
 def init(args: argparse.Namespace) -> int:
-    public = init_site(home_of(args), args.name, _passphrase(args))
+    """The one command that creates a home; a failed init leaves no home behind."""
+    site_name(args.name)  # a bad name is refused before anything is created
+    home = home_path(args)
+    existed = home.exists()
+    if existed and not home.is_dir():
+        raise BadInput(f"{home}: exists and is not a folder")
+    if existed and not writable(home):
+        raise BadInput(f"{home}: the folder is read-only")
+    passphrase = _passphrase(args)
+    with parents_of(home):
+        try:
+            public = init_site(home, args.name, passphrase)
+        except BaseException:
+            if not existed:
+                shutil.rmtree(home, ignore_errors=True)
+            raise
     doc = {"site": public.site, "fingerprint": public.fingerprint,
            "age_recipient": public.age_recipient}
     emit(args, doc, lambda: console.print(
@@ -83,10 +113,13 @@ def init(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out_file(args.out, args.force)
     public = public_identity(home_of(args))
     text = json.dumps(public.to_json(), indent=1) + "\n"
     if args.out is not None:
-        args.out.write_text(text)
+        with output_file(args.out, args.force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     sys.stdout.write(text)
     if not args.json:
         err_console.print(f"site {public.site}, fingerprint {public.fingerprint}")
@@ -94,7 +127,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def rotate(args: argparse.Namespace) -> int:
-    public = rotate_site(home_of(args))
+    public = rotate_site(home_of(args, writes=True))
     doc = {"site": public.site, "fingerprint": public.fingerprint,
            "previous_fingerprint": public.previous_fingerprint,
            "age_recipient": public.age_recipient}
