@@ -153,6 +153,11 @@ class ModelStore:
     def client(self) -> Any:
         return self._client
 
+    def _absent(self) -> bool:
+        """Whether the store is this home's SQLite database and it was never created."""
+        return (self.uri == f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
+                and not (self.home / "mlflow.db").exists())
+
     @property
     def display_uri(self) -> str:
         """The store's URI with any password replaced, fit to print."""
@@ -376,6 +381,8 @@ class ModelStore:
 
     def get(self, ref: VersionRef) -> VersionInfo:
         """The version, or :class:`ModelNotFound`."""
+        if self._absent():  # nothing registered yet: do not create the store to say so
+            raise ModelNotFound(f"no registered model version {ref}")
         from mlflow.exceptions import MlflowException
 
         try:

@@ -148,7 +148,7 @@ def check_out_file(path: Path, force: bool) -> None:
         raise BadInput(f"{path}: is a folder; --out names a file here")
     if (path.exists() or path.is_symlink()) and not force:
         raise BadInput(f"{path}: already exists (add --force to replace it)")
-    _check_parent(path)
+    check_parent(path)
 
 
 def check_out_dir(path: Path) -> None:
@@ -158,10 +158,11 @@ def check_out_dir(path: Path) -> None:
             raise BadInput(f"{path}: exists and is not a folder")
         if any(path.iterdir()):
             raise BadInput(f"{path}: the folder is not empty (choose a new one)")
-    _check_parent(path)
+    check_parent(path)
 
 
-def _check_parent(path: Path) -> None:
+def check_parent(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` is a folder this process may write."""
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent

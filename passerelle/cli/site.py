@@ -13,6 +13,7 @@ from passerelle.cli._common import (
     add_command,
     add_out,
     check_out_file,
+    check_parent,
     console,
     emit,
     err_console,
@@ -96,6 +97,8 @@ def init(args: argparse.Namespace) -> int:
         raise BadInput(f"{home}: exists and is not a folder")
     if existed and not writable(home):
         raise BadInput(f"{home}: the folder is read-only")
+    if not existed:
+        check_parent(home)
     passphrase = _passphrase(args)
     with parents_of(home):
         try:
