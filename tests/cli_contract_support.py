@@ -12,8 +12,6 @@ import shutil
 import socket
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -79,14 +77,6 @@ def run_inprocess(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
         os.environ.update(saved)
     got = capture.readouterr()  # type: ignore[attr-defined]
     return Outcome(code, got.out, got.err)
-
-
-def run_process(argv: Sequence[str], env: Mapping[str, str], cwd: Path,
-                timeout: float = 120) -> Outcome:
-    proc = subprocess.run([sys.executable, "-m", "passerelle.cli", *argv], cwd=cwd,
-                          env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    return Outcome(proc.returncode, proc.stdout, proc.stderr)
 
 
 def assert_one_error(outcome: Outcome, code: int, says: str) -> None:

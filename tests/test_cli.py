@@ -80,7 +80,7 @@ def test_register_corrupt_model_dir_is_one_line_exit_2(
     assert_one_line_error(proc, 2, "vocabulary.json does not match its digest")
     proc = run("model", "register", str(tmp_path / "nope"), "--name", "c", "--purpose", "p",
                "--legal-basis", "b", home=home)
-    assert_one_line_error(proc, 2, "no such model directory")
+    assert_one_line_error(proc, 2, "no such folder")
 
 
 @pytest.mark.slow
@@ -97,6 +97,7 @@ def test_the_source_side_story_through_the_cli(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home = tmp_path / "site-x"
+    home.mkdir()  # a home without a site identity: acts there leave no record
     data = tmp_path / "data"
     assert main(["data", "generate", "--site", "X", "--stays", "600", "--seed", "5", "--out",
                  str(data), "--json"]) == 0

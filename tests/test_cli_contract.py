@@ -39,7 +39,6 @@ from tests.cli_contract_support import (
     make_read_only,
     make_writable,
     run_inprocess,
-    run_process,
     silent_server,
     snapshot,
     without_root,

@@ -45,7 +45,10 @@ RECORDS = 6
 
 
 def cli(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> tuple[int, str, str]:
-    code = main(["records", *args, "--home", str(home)])
+    try:
+        code = main(["records", *args, "--home", str(home)])
+    except SystemExit as e:  # a usage error (e.g. a missing file), as argparse exits
+        code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -280,14 +283,14 @@ def test_truncation_is_detected_against_a_peer_export(
     code, _, err = cli(capsys, y, "verify", "--peer", str(x_export))
     assert code == 1 and created.id in err and "no bundle_received" in err, err
     # X, checking Y's fresh export, sees it too.
-    assert cli(capsys, y, "export", "--out", str(y_export))[0] == 0
+    assert cli(capsys, y, "export", "--out", str(y_export), "--force")[0] == 0
     code, _, err = cli(capsys, x, "verify", "--peer", str(y_export))
     assert code == 1 and created.id in err, err
 
     # X drops its bundle_created: Y's receipt names a record X's export lacks.
     with stored(x) as db:
         db.execute("DELETE FROM ledger_records WHERE seq = ?", (created.seq,))
-    assert cli(capsys, x, "export", "--out", str(x_export))[0] == 0
+    assert cli(capsys, x, "export", "--out", str(x_export), "--force")[0] == 0
     with stored(y) as db:  # put Y's receipt back
         db.execute("INSERT INTO ledger_records VALUES ('Y', ?, ?, ?, ?, ?, ?)",
                    (received.seq, received.id, received.prev, received.kind.value,

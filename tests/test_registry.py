@@ -79,6 +79,7 @@ def test_unreachable_tracking_server_is_one_line_error(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    (tmp_path / "h").mkdir()
     code = main(["model", "register", str(keras_model.out_dir), "--name", "c", "--purpose",
                  "p", "--legal-basis", "b", "--home", str(tmp_path / "h")])
     err = capsys.readouterr().err.strip().splitlines()
