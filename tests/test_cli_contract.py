@@ -51,6 +51,15 @@ from transfer.trust import TrustStore
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # What the commands import lazily is imported here, as root: the read-only cases run
+    # as `nobody`, who cannot read this interpreter's standard library under /root.
+    import mlflow  # noqa: F401
+
+    import transfer.exchange
+    import transfer.report  # noqa: F401
+    from passerelle.cli import build_parser
+
+    build_parser()
     ws = tmp_path_factory.mktemp("contract-template")
     init_site(ws / "site", "CHU-X")
     init_site(ws / "peer", "CH-Y")
@@ -125,7 +134,7 @@ COMMANDS = [
     Command("trust revoke {peer_fp}", writes_home=True, ledger=True),
     Command("bundle create coder/1 --to CH-Y --out {out}", writes_home=True, out="file",
             mlflow=True),
-    Command("bundle verify {ws}/file.txt"),
+    Command("bundle verify {ws}/file.txt", writes_home=True),  # decrypts in HOME/.receiving
     Command("bundle receive {ws}/file.txt", writes_home=True),
     Command("finetune coder/1 --data {ws}/corpus --epsilon 1", writes_home=True, mlflow=True),
     Command("demo --workdir {out}", home=False, out="dir"),
@@ -190,7 +199,9 @@ def generic_cases() -> Iterator[Case]:
                        "model registry at", env={"MLFLOW_TRACKING_URI": "bogus-scheme://x"})
             yield Case(f"{c.name}: MLflow server down", _with_home(c, argv), 2,
                        "model registry at http://127.0.0.1:{closed}",
-                       env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed}"},
+                       env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed}",
+                            # our retries, without the pauses between them (time)
+                            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"},
                        max_seconds=20)
         if c.ledger:
             yield Case(f"{c.name}: ledger database down", _with_home(c, argv), 2,
@@ -372,7 +383,7 @@ def test_an_mlflow_server_that_never_answers_times_out_and_names_itself(
     before = snapshot(ws)
     with silent_server() as port:
         env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}  # our retries, a shorter wait
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}  # our retries and pauses, a shorter wait
         started = time.monotonic()
         outcome = run_inprocess(["model", "export", "coder/1", "--out", str(ws / "e"),
                                  "--home", str(ws / "site")], env, ws, capsys)

@@ -284,7 +284,10 @@ def _runs(home: Path, kind: RecordKind) -> list[Any]:
 
 def _refused(argv: list[str], home: Path, capsys: pytest.CaptureFixture[str]) -> int:
     before = _versions(home)
-    code = main([*argv, "--home", str(home)])
+    try:
+        code = main([*argv, "--home", str(home)])
+    except SystemExit as e:  # refused by the option's type, as argparse exits
+        code = int(e.code or 0)
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert _versions(home) == before

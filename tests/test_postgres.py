@@ -22,6 +22,7 @@ def test_register_and_export_through_an_mlflow_server_on_postgres(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     home = tmp_path / "home"
+    home.mkdir()
     assert main(["model", "register", str(keras_model.out_dir), "--name", "pg-coder",
                  "--purpose", "PMSI coding", "--legal-basis", "GDPR 6(1)(e)", "--home",
                  str(home), "--json"]) == 0

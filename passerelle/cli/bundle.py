@@ -14,7 +14,9 @@ from passerelle.cli._common import (
     existing_file,
     home_of,
     output_file,
+    writable,
 )
+from passerelle.errors import BadInput
 from registry.store import ModelStore, VersionRef
 from transfer.exchange import create_bundle, describe, receive_bundle, verify_bundle
 
@@ -69,7 +71,11 @@ def create(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    result = verify_bundle(args.file, home_of(args))
+    home = home_of(args)
+    if (home / "identity").is_dir() and not writable(home):  # it decrypts in HOME/.receiving
+        raise BadInput(f"{home}: the site home is read-only (bundle verify decrypts the "
+                       "payload in a private folder there)")
+    result = verify_bundle(args.file, home)
     doc = {"verified": True, **describe(result)}
     what = "every check passed" if result.decrypted else \
         "outer header verified (no site identity here: payload not checked)"
