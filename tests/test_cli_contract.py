@@ -113,10 +113,11 @@ class Command:
     @property
     def name(self) -> str:
         words = self.argv.split()
-        return " ".join(words[:2]) if words[0] in GROUPS else words[0]
+        depth = 3 if " ".join(words[:2]) in GROUPS else 2 if words[0] in GROUPS else 1
+        return " ".join(words[:depth])
 
 
-GROUPS = {"data", "model", "site", "trust", "bundle", "records"}
+GROUPS = {"data", "model", "site", "trust", "bundle", "records", "site policy"}
 
 
 COMMANDS = [
@@ -129,6 +130,9 @@ COMMANDS = [
     Command("model export coder/1 --out {out}", writes_home=True, out="dir", mlflow=True),
     Command("site show --out {out}", out="file"),
     Command("site rotate", writes_home=True, ledger=True),
+    Command("site policy show"),
+    Command("site policy set privacy.epsilon_cap 6 --approver A --justification J",
+            writes_home=True, ledger=True),
     Command("trust add {ws}/CH-Y.json", writes_home=True),
     Command("trust list"),
     Command("trust revoke {peer_fp}", writes_home=True, ledger=True),
@@ -317,6 +321,12 @@ SPECIFIC = [
     Case("site init: already a site", f"site init CHU-Z {H}", 2, "already exists"),
     Case("site init: under a read-only folder", "site init CHU-Z --home {ws}/ro/new", 2,
          "", read_only=("ro",)),
+    # site policy
+    Case("site policy set: unknown key",
+         f"site policy set no.such 1 --approver A --justification J {H}", 2, "no.such"),
+    Case("site policy set: a value out of bounds",
+         f"site policy set privacy.epsilon_cap inf --approver A --justification J {H}", 2,
+         "epsilon_cap"),
     # usage
     Case("model export: not NAME/VERSION", f"model export coder --out {{ws}}/e {H}", 2,
          "is not NAME/VERSION"),

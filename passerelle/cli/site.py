@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from passerelle.cli._common import (
     Subparsers,
@@ -168,7 +169,7 @@ def policy_show(args: argparse.Namespace) -> int:
 
 
 def policy_set(args: argparse.Namespace) -> int:
-    home = home_of(args)
+    home = home_of(args, writes=True)
     before = load_policy(home)
     after = set_value(home, args.key, args.value, args.approver, args.justification)
     doc = {"setting": args.key, "old": _plain(before.get(args.key)),
