@@ -532,7 +532,7 @@ def test_out_force_replaces_a_file_atomically_and_only_then(
 def test_contract_size(capsys: pytest.CaptureFixture[str]) -> None:
     """The suite's size, printed for the record (and a floor, so it cannot shrink)."""
     with capsys.disabled():
-        print(f"\ncontract cases: {len(CASES)} table rows + 10 process/server tests")
+        print(f"\ncontract cases: {len(CASES)} table rows (plus the process and server tests)")
     assert len(CASES) >= 150
     names = {c.name for c in COMMANDS} | {"site init"}
     from passerelle.cli import build_parser
