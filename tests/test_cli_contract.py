@@ -73,6 +73,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (ws / "file.txt").write_text("not what the command wants\n")
     (ws / "existing.out").write_text("keep me\n")
     (ws / "a-folder").mkdir()
+    (ws / "a-folder.html").mkdir()
+    (ws / "existing.out.html").write_text("keep me\n")
     (ws / "full").mkdir()
     (ws / "full" / "mine.txt").write_text("keep me\n")
     (ws / "ro").mkdir()
@@ -109,6 +111,7 @@ class Command:
     out: Literal["file", "dir"] | None = None
     mlflow: bool = False  # with these arguments it reaches the MLflow store
     ledger: bool = False  # ... it opens the ledger
+    suffix: str = ""  # what its --out must end with
 
     @property
     def name(self) -> str:
@@ -147,7 +150,8 @@ COMMANDS = [
     Command("records verify", ledger=True),
     Command("records export --out {out}", out="file", ledger=True),
     Command("records checkpoint --out {out}", out="file", ledger=True),
-    Command("report --out {out}", out="file", ledger=True),
+    Command("report --out {out}", out="file", ledger=True, suffix=".html"),
+    Command("records verify-report {ws}/file.txt"),
 ]
 
 
@@ -163,7 +167,7 @@ class Case:
 
 
 def _default_out(command: Command, value: str = "{ws}/new-out") -> str:
-    return command.argv.replace("{out}", value)
+    return command.argv.replace("{out}", value + command.suffix)
 
 
 def _with_home(command: Command, argv: str, home: str = "{site}") -> str:
@@ -246,6 +250,11 @@ SPECIFIC = [
          "no such file"),
     Case("records verify: missing checkpoint", f"records verify --checkpoint {{ws}}/nope {H}",
          2, "no such file"),
+    Case("records verify-report: missing report",
+         f"records verify-report {{ws}}/nope.html {H}", 2, "no such file"),
+    Case("report: missing peer export", f"report --out {{ws}}/r.html --peer {{ws}}/nope {H}", 2,
+         "no such file"),
+    Case("report: not .html or .pdf", f"report --out {{ws}}/r.txt {H}", 2, "FILE.html"),
     Case("records show: unknown record", f"records show {'ab' * 8} {H}", 2, "no record"),
     # unknown models: bad input, and no MLflow store is created to say so
     Case("model export: unknown model", f"model export ghost/1 --out {{ws}}/e {H}", 2,
