@@ -297,7 +297,7 @@ SPECIFIC = [
           ("delta", "nan", "not a finite number"),
           ("clip", "inf", "not a finite number"),
           ("learning-rate", "inf", "not a finite number"),
-          ("budget-cap", "-3", "must be in"),
+          ("heldout-fraction", "0", "must be in"),
           ("epochs", "0", "must be a whole number"),
           ("batch-size", "99999999999", "must be a whole number"))],
     Case("data generate --stays 99999999999999",
