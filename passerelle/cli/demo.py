@@ -25,7 +25,7 @@ from passerelle.cli._common import (
     progress_bar,
 )
 from passerelle.corpus import manifest_digest
-from passerelle.errors import BadInput, Refused
+from passerelle.errors import Refused
 from registry.audit.policy import load_policy
 from registry.audit.runner import AuditResult
 from registry.coder import CoderConfig

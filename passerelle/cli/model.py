@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, replace
 from datetime import datetime
+from pathlib import Path
 
 from rich.table import Table
 
