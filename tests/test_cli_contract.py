@@ -120,7 +120,7 @@ class Command:
         return " ".join(words[:depth])
 
 
-GROUPS = {"data", "model", "site", "trust", "bundle", "records", "site policy"}
+GROUPS = {"data", "model", "site", "trust", "bundle", "records", "notice", "site policy"}
 
 
 COMMANDS = [
@@ -152,6 +152,12 @@ COMMANDS = [
     Command("records checkpoint --out {out}", out="file", ledger=True),
     Command("report --out {out}", out="file", ledger=True, suffix=".html"),
     Command("records verify-report {ws}/file.txt"),
+    # added by other branches: their home rows (their --out rows are still to write)
+    Command("predict ghost/1 --data {ws}/corpus --out {ws}/p.jsonl"),
+    Command("serve ghost/1 --port 8765"),
+    Command("notice receive {ws}/file.txt"),
+    Command("model withdraw ghost/1 --reason r"),
+    Command("records lineage --model ghost/1"),
 ]
 
 

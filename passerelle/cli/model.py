@@ -163,7 +163,7 @@ def _add_withdraw(group: Subparsers) -> None:
         "them, and a running server stops serving them at its next check. If the version\n"
         "was sent (bundle create), --out FILE is required: a withdrawal notice signed with\n"
         "this site's key for its recipients, who apply it with `passerelle notice receive`.")
-    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("ref", metavar="NAME/VERSION", help="the version to withdraw")
     p.add_argument("--reason", required=True, metavar="TEXT",
                    help="why (one line, at most 500 characters; it travels in the notice)")
     p.add_argument("--out", type=Path, metavar="FILE",

@@ -23,7 +23,7 @@ def add_to(sub: Subparsers) -> None:
         "marked withdrawn (MLflow tags passerelle.withdrawn*, a notice_received record):\n"
         "`predict` and `serve` refuse them. A refused notice: exit 1, a notice_refused\n"
         "record, nothing marked.")
-    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("file", type=Path, metavar="FILE", help="the withdrawal notice")
 
 
 def receive(args: argparse.Namespace) -> int:

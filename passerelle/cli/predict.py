@@ -32,7 +32,7 @@ def add_to(sub: Subparsers) -> None:
         "--data is a corpus directory (as `data generate` writes it) or a JSON Lines file\n"
         "of stays, each {\"stay_id\"?, \"sections\": {...}} or {\"stay_id\"?, \"text\"};\n"
         "a malformed stay: exit 2, nothing written.")
-    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
     p.add_argument("--data", required=True, type=Path, metavar="DIR|FILE.jsonl",
                    help="the stays to code (a corpus directory or a JSON Lines file)")
     p.add_argument("--out", required=True, type=Path, metavar="FILE",

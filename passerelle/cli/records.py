@@ -92,8 +92,10 @@ def add_to(sub: Subparsers) -> None:
         "fingerprint, as model provenance records it) or from this site's NAME/VERSION\n"
         "(trained, received, fine-tuned from), at which site, active or withdrawn.")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--dataset", metavar="DIGEST", help="a dataset fingerprint sha256:<hex>")
-    which.add_argument("--model", metavar="NAME/VERSION", help="a version of this site")
+    which.add_argument("--dataset", metavar="DIGEST",
+                       help="a dataset fingerprint sha256:<hex> (this or --model is required)")
+    which.add_argument("--model", metavar="NAME/VERSION",
+                       help="a version of this site (this or --dataset is required)")
     p.add_argument("--peer", type=existing_file, action="append", default=[], metavar="FILE",
                    help="a peer site's `records export` (repeatable; default none)")
 

@@ -47,7 +47,7 @@ def add_to(sub: Subparsers) -> None:
         "that interval.\n"
         "One log line per request on stderr: status, number of stays, bytes, latency;\n"
         "never the letters. Stops on SIGINT or SIGTERM (exit 0).")
-    p.add_argument("ref", metavar="NAME/VERSION")
+    p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
     p.add_argument("--port", required=True, type=non_negative_int, metavar="P",
                    help="TCP port (0: any free port, printed at start)")
     p.add_argument("--host", default="127.0.0.1",
