@@ -121,17 +121,22 @@ def test_export_gate_needs_a_pass_or_an_override_for_these_exact_bytes() -> None
     from transfer.exchange import export_gate
 
     mine, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    pinned, unpinned = "sha256:" + "c" * 64, "sha256:" + "d" * 64
 
     def info(**tags: str) -> VersionInfo:
         return VersionInfo(VersionRef("m", "1"), "run", "source",
                            {f"passerelle.{k.replace('__', '.')}": v for k, v in tags.items()})
 
-    assert export_gate(info(audit__verdict="PASS", audit__onnx_digest=mine), mine) == "PASS"
-    for refused in (info(), info(audit__verdict="PASS", audit__onnx_digest=other),
+    assert export_gate(info(audit__verdict="PASS", audit__onnx_digest=mine,
+                            audit__policy_digest=pinned), mine, pinned) == "PASS"
+    for refused in (info(), info(audit__verdict="PASS", audit__onnx_digest=other,
+                                 audit__policy_digest=pinned),
+                    info(audit__verdict="PASS", audit__onnx_digest=mine,
+                         audit__policy_digest=unpinned),
                     info(audit__verdict="FAIL", audit__onnx_digest=mine),
                     info(export__override__onnx_digest=other)):
         with pytest.raises(GateRefused, match="may not leave"):
-            export_gate(refused, mine)
+            export_gate(refused, mine, pinned)
     overridden = info(audit__verdict="FAIL", audit__onnx_digest=mine,
                       export__override__onnx_digest=mine, export__override__approver="Ann")
-    assert export_gate(overridden, mine) == "FAIL (export override by Ann)"
+    assert export_gate(overridden, mine, pinned) == "FAIL (export override by Ann)"
