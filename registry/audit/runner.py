@@ -448,8 +448,13 @@ def report_json(result: AuditResult) -> dict[str, Any]:
 
 def log_audit(store: ModelStore, result: AuditResult) -> None:
     """Verdict, figures and policy digest as version tags; report, plot, policy as artifacts."""
+    from transfer.acts import has_ledger
+    from transfer.identity import public_identity
+
     info = store.get(result.ref)
+    site = public_identity(store.home).site if has_ledger(store.home) else "this site"
     tags = {
+        TAG + "audit.status": f"audited at {site}",
         TAG + "audit.verdict": result.verdict,
         TAG + "audit.onnx_digest": result.onnx_digest,
         TAG + "audit.policy": result.policy_name,
