@@ -98,9 +98,12 @@ def test_model_travels_from_x_to_y_through_the_cli(
     audit = tmp_path / "audit"
     audit.mkdir()
     (audit / "audit-report.json").write_text('{"verdict": "PASS"}')
+    from registry.audit.policy import load_policy
+
     store_x.attach(store_x.get(info2.ref), audit, "audit", {
         "passerelle.audit.verdict": "PASS",
-        "passerelle.audit.onnx_digest": exported.onnx_digest})
+        "passerelle.audit.onnx_digest": exported.onnx_digest,
+        "passerelle.audit.policy_digest": load_policy().digest})  # the site's default
     bundle2 = tmp_path / "coder-2.bundle"
     code, created2, err = _run(capsys, "bundle", "create", str(info2.ref), "--to", "Y",
                                "--out", str(bundle2), "--home", hx)
