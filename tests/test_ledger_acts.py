@@ -25,6 +25,8 @@ from passerelle.errors import PasserelleError
 from registry.audit.policy import load_policy
 from registry.export import Override
 from registry.store import TAG, ModelStore, VersionRef
+from tests.audit_support import sealed
+from tests.conftest import small_config
 from transfer.bundle import read_envelope
 from transfer.errors import Rollback
 from transfer.exchange import CreatedBundle, ReceivedModel, create_bundle, receive_bundle
@@ -34,8 +36,6 @@ from transfer.ledger_errors import ActNotRecorded, LedgerUnreachable
 from transfer.ledger_site import open_ledger
 from transfer.records import Record, RecordKind
 from transfer.trust import TrustStore
-from tests.audit_support import sealed
-from tests.conftest import small_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ledger_acts")]
 MODEL = "pmsi-coder"
