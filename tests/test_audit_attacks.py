@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,51 @@ def test_reference_models_get_as_many_gradient_steps_as_the_target() -> None:
     assert recipe.epochs_for(10, 3) == 3 and recipe.epochs_for(10_000, 1) == 1
     logreg = CoderRecipe(CoderConfig(architecture=Architecture.LOGREG))
     assert logreg.steps(2434) is None and logreg.epochs_for(100, None) == 4
+
+
+def _canary_world() -> tuple[object, dict[str, object]]:
+    from passerelle.corpus import generate
+
+    corpus = generate("X", 60, 7, canaries=1)
+    canary = corpus.canaries[0]
+    return canary, {s.stay_id: s for s in corpus.stays}
+
+
+@pytest.mark.parametrize("memorised, low, high", [(0.0, 0.0, 6.0), (3.0, 12.0, 24.0)])
+def test_canary_exposure_grows_with_memorisation_beyond_the_candidate_count(
+    memorised: float, low: float, high: float,
+) -> None:
+    """A model whose loss on the canary stays is lower by ``memorised`` nats for the true
+    secret than for other secrets of the same words: without memorisation the exposure
+    is a few bits; with it, the skew-normal extrapolation goes past log2(1001) = 9.97,
+    where the rank alone must stop."""
+    from registry.audit.canary import canary_exposure
+
+    canary, stays = _canary_world()
+    secret = canary.template.format(secret=canary.secret)  # type: ignore[attr-defined]
+
+    def scorer(sections: object, codes: object) -> np.ndarray:
+        out = []
+        for s in sections:  # type: ignore[attr-defined]
+            text = " ".join(s.values())
+            noise = (zlib.crc32(text.encode()) % 1000) / 1000.0  # a fixed difficulty per text
+            loss = 1.0 + noise - (memorised if secret in text else 0.0)
+            out.append(np.exp(-loss))
+        return np.array(out)
+
+    e = canary_exposure(canary, stays, scorer, 1000, np.random.default_rng(1))  # type: ignore[arg-type]
+    assert low <= e.exposure_bits <= high, e
+    assert e.rank_exposure_bits <= math.log2(1001) + 1e-9 and e.max_bits == 24.0
+    if memorised:
+        assert e.rank == 1.0 and e.exposure_bits > e.rank_exposure_bits + 2
+
+
+def test_canary_exposure_of_a_model_that_cannot_tell_secrets_apart_is_one_bit() -> None:
+    from registry.audit.canary import extrapolated_exposure
+
+    assert extrapolated_exposure(1.0, np.ones(1000), 24.0) == pytest.approx(1.0)
+    rng = np.random.default_rng(RNG_SEED)
+    others = rng.normal(0, 1, 5000)
+    assert extrapolated_exposure(0.0, others, 24.0) == pytest.approx(1.0, abs=0.1)
+    assert extrapolated_exposure(-3.0, others, 24.0) == pytest.approx(-math.log2(0.00135),
+                                                                       abs=0.5)
