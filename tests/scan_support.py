@@ -11,24 +11,27 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-# (file, where the value is planted, kind the scan must report)
-PLANTED: tuple[tuple[str, str, str], ...] = (
-    ("vocabulary.json", "key beside tokens: 'Archambault'", "person_name"),
-    ("vocabulary.json", "value beside tokens: '06 12 34 56 78'", "phone"),
-    ("model_card.json", "nested key 'rédigé par Amyot'", "person_name"),
-    ("model_card.json", "value, lower case: 'algernon arsenault'", "person_name"),
-    ("model_card.json", "value, mis-accented: 'Dr Àsselin'", "person_name"),
-    ("model_card.json", "value, date 1957/03/12", "date"),
-    ("labels.json", "value, dotted NIR 1.84.12.76.451.089.46", "nir"),
-    ("labels.json", "value, date 12-3-57", "date"),
-    ("model.onnx", "producer_version 1957/03/12", "date"),
-    ("model.onnx", "domain 'fr.chu.aubut'", "person_name"),
-    ("model.onnx", "metadata key 'Anctil'", "person_name"),
-    ("model.onnx", "string initializer token '06 12 34 56 78'", "phone"),
-    ("model.onnx", "value_info name 'Achille_Asselin'", "person_name"),
-    ("model.onnx", "edge name 'out_Ambroise'", "person_name"),
-    ("model.onnx", "string attribute of a node: 'alban'", "person_name"),
-    ("model.onnx", "node doc_string in a subgraph: 'IPP 4501238896'", "ipp"),
+# (file, where the value is planted, kind the scan must report, part of the place it names)
+PLANTED: tuple[tuple[str, str, str, str], ...] = (
+    ("vocabulary.json", "key beside tokens: 'Archambault'", "person_name", "$.Archambault (key)"),
+    ("vocabulary.json", "value beside tokens: '06 12 34 56 78'", "phone", "$.contact"),
+    ("model_card.json", "nested key 'rédigé par Amyot'", "person_name", "Amyot (key)"),
+    ("model_card.json", "value, lower case: 'algernon arsenault'", "person_name",
+     "notes.reviewed[0]"),
+    ("model_card.json", "value, mis-accented: 'Dr Àsselin'", "person_name", "notes.reviewed[1]"),
+    ("model_card.json", "value, date 1957/03/12", "date", "notes.born"),
+    ("labels.json", "value, dotted NIR 1.84.12.76.451.089.46", "nir", "$.comment"),
+    ("labels.json", "value, date 12-3-57", "date", "$.comment"),
+    ("model.onnx", "producer_version 1957/03/12", "date", "producer_version"),
+    ("model.onnx", "domain 'fr.chu.aubut'", "person_name", "domain"),
+    ("model.onnx", "metadata key 'Anctil'", "person_name", "metadata[Anctil] (key)"),
+    ("model.onnx", "string initializer token '06 12 34 56 78'", "phone", "string_data[0]"),
+    ("model.onnx", "value_info name 'Achille_Asselin'", "person_name", "value_info[0].name"),
+    ("model.onnx", "edge name 'out_Ambroise'", "person_name", ".output[0]"),
+    ("model.onnx", "string attribute of a node: 'alban'", "person_name",
+     "attribute[labels].strings[0]"),
+    ("model.onnx", "node doc_string in a subgraph: 'IPP 4501238896'", "ipp",
+     "attribute[then_branch].g.node[0].doc_string"),
 )
 
 

@@ -86,14 +86,9 @@ def test_identifiers_planted_in_every_shipped_place_are_found(
     assert scan_export_dir(out).findings == ()  # clean before planting
     plant(out)
     report = scan_export_dir(out)
-    found = {(f.file, f.kind.value) for f in report.findings}
-    for file, what, kind in PLANTED:
-        assert (file, kind) in found, (file, what, kind, report.counts())
-    # each planted place is named in the report
-    places = " ".join(f"{f.file}:{f.where}" for f in report.findings)
-    for needle in ("producer_version", "domain", "metadata[", "initializer", "value_info",
-                   "output[0]", "strings[0]", ".g.node[0].doc_string", "(key)"):
-        assert needle in places, needle
+    for file, what, kind, place in PLANTED:  # each one found, of its kind, at its place
+        assert any(f.file == file and f.kind.value == kind and place in f.where
+                   for f in report.findings), (file, what, kind, report.counts())
     # the names are not the generator's: none is in faker's fr_FR lists
     lists = name_lists()
     generator = _name_forms(lists.male_first + lists.female_first + lists.last)
