@@ -60,7 +60,7 @@ class ReserveLimits:
 
     min_patients: int  # reserve patients scored as non-members, at least
     population_share: float  # share of the reserve kept as RMIA's population
-    max_fit_z: float  # two-proportion z of top-1 between held-out and reserve, at most
+    max_fit_z: float  # z of top-1, held-out vs reserve (cluster-robust), at most
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ class Criterion:
 
 @dataclass(frozen=True)
 class SplitCheck:
-    """Top-1 accuracy of the shipped model on each side of the split, in patients' stays."""
+    """Top-1 accuracy of the shipped model on each side of the split, in patients' stays,
+    and the z statistics comparing the two non-member sides (held-out and reserve)."""
 
     train_top1: float
     train_stays: int
@@ -92,21 +93,27 @@ class SplitCheck:
     reserve_stays: int
     reserve_patients: int
     population_patients: int
-
-    @property
-    def heldout_above_reserve_z(self) -> float:
-        return _z(self.heldout_top1, self.heldout_stays, self.reserve_top1, self.reserve_stays)
-
-    @property
-    def reserve_above_heldout_z(self) -> float:
-        return _z(self.reserve_top1, self.reserve_stays, self.heldout_top1, self.heldout_stays)
+    heldout_above_reserve_z: float
+    reserve_above_heldout_z: float
 
 
-def _z(p1: float, n1: int, p2: float, n2: int) -> float:
-    """Two-proportion z statistic of p1 > p2 (pooled variance; 0 when undefined)."""
-    pooled = (p1 * n1 + p2 * n2) / max(1, n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / max(1, n1) + 1 / max(1, n2)))
-    return 0.0 if se == 0 else (p1 - p2) / se
+def _cluster_variance(hits: FloatArray, patients: Sequence[str]) -> tuple[float, float]:
+    """(mean, variance of the mean) of stay hits, robust to correlation within a patient
+    (a patient's stays share a case mix: they are one sample, not independent ones)."""
+    if len(hits) == 0:
+        return 0.0, 0.0
+    mean = float(hits.mean())
+    _, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    residual = np.bincount(inverse, weights=hits - mean)
+    return mean, float((residual**2).sum()) / len(hits) ** 2
+
+
+def _z(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """z statistic of mean a > mean b (independent samples, cluster-robust variances)."""
+    se = math.sqrt(a[1] + b[1])
+    if se == 0:
+        return 0.0 if a[0] == b[0] else math.copysign(1e6, a[0] - b[0])
+    return (a[0] - b[0]) / se
 
 
 @dataclass(frozen=True)
@@ -241,12 +248,15 @@ def audit_version(
                                      policy.attacks.rmia_gamma),
     }
     n_m, n_h = len(members), len(held)
+    held_stat = _cluster_variance(correct[len(pool) - n_h:], held.patient_ids)
+    reserve_stat = _cluster_variance(correct[n_m:len(pool) - n_h], reserve_ex.patient_ids)
     split = SplitCheck(
         train_top1=float(correct[:n_m].mean()), train_stays=n_m,
-        heldout_top1=float(correct[len(pool) - n_h:].mean()), heldout_stays=n_h,
-        reserve_top1=float(correct[n_m:len(pool) - n_h].mean()),
+        heldout_top1=held_stat[0], heldout_stays=n_h, reserve_top1=reserve_stat[0],
         reserve_stays=len(reserve_ex), reserve_patients=len(set(reserve_ex.patient_ids)),
-        population_patients=len(set(population.patient_ids)))
+        population_patients=len(set(population.patient_ids)),
+        heldout_above_reserve_z=_z(held_stat, reserve_stat),
+        reserve_above_heldout_z=_z(reserve_stat, held_stat))
     privacy_unit = info.tags.get(TAG + "privacy_unit", "patient")
     metrics, rocs = {}, {}
     for name, s in scores.items():
@@ -424,7 +434,9 @@ def report_json(result: AuditResult) -> dict[str, Any]:
         "rmia_a": result.rmia_a,
         "split": asdict(result.split) | {
             "heldout_fits_better_than_reserve_z": result.split.heldout_above_reserve_z,
-            "reserve_fits_better_than_heldout_z": result.split.reserve_above_heldout_z},
+            "reserve_fits_better_than_heldout_z": result.split.reserve_above_heldout_z,
+            "z_variance": "cluster-robust by patient (a patient's stays are not "
+                          "independent)"},
         "nonmember_sources": "the sealed reserve (data seal) and the declared held-out "
                              "patients; RMIA's population is a share of the reserve that no "
                              "attack scores and no reference model trains on",
