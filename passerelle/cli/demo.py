@@ -309,7 +309,7 @@ def _withdraw(run: _Run) -> str:
 
 
 def _lineage(run: _Run) -> str:
-    dataset = manifest_digest(run.data_x)
+    dataset = manifest_digest(run.train_x)  # the corpus the model was trained on
     exports = run.summary["ledgers"]["exports"]
     found = lineage(run.home_x, dataset=dataset, peers=[Path(exports[run.home_y.name])])
     run.summary["lineage"] = {"dataset": dataset, "versions": [d.to_json() for d in found]}
