@@ -91,9 +91,10 @@ TESTING_ENV = "PASSERELLE_TESTING"
 ONNX_FILE = "model.onnx"
 FINETUNE_CARD = "finetune_card.json"
 DEFAULT_TRAINABLE = ("hidden", "logits")
-# copied from the source version: where the model came from
+# copied from the source version: where the model came from. Not its audit verdict: that
+# was earned by other bytes (the fine-tuned version states its own audit status).
 _LINEAGE = ("received_from", "sender_fingerprint", "bundle_digest", "source_model",
-            "source_version", "transfer_sequence", "audit_verdict", "purpose", "legal_basis")
+            "source_version", "transfer_sequence", "purpose", "legal_basis")
 
 
 @dataclass(frozen=True)
@@ -542,6 +543,8 @@ def _tags(info: VersionInfo, r: FinetuneResult, onnx_digest: str) -> dict[str, s
     f = TAG + "finetune."
     tags |= {
         TAG + "finetuned_from": str(r.source),
+        TAG + "source_audit_verdict": info.tags.get(TAG + "audit_verdict", "none"),
+        TAG + "audit.status": "not-audited",
         TAG + "source_onnx_digest": info.tags.get(TAG + "onnx_digest", ""),
         TAG + "onnx_digest": onnx_digest,
         TAG + "privacy_unit": r.privacy_unit,

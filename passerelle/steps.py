@@ -27,8 +27,16 @@ from passerelle.corpus import (
 )
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput
-from registry.audit.policy import Policy
-from registry.audit.runner import REPORT_FILE, ROC_FILE, AuditResult, audit_version, log_audit
+from registry.audit.policy import Policy, pinned_policy_digest
+from registry.audit.reserve import Seal, seal_corpus
+from registry.audit.runner import (
+    REPORT_FILE,
+    ROC_FILE,
+    AuditResult,
+    audit_version,
+    log_audit,
+    reference_model_count,
+)
 from registry.coder import (
     Accuracy,
     CoderConfig,
@@ -162,16 +170,26 @@ def export_model(store: ModelStore, ref: VersionRef, out: Path,
         return export_version(store, ref, out, override, record)
 
 
+def seal_data(home: Path, data: Path, fraction: float, out: Path) -> Seal:
+    """Seal the audit's reserve of ``data`` and write the training corpus to ``out``."""
+    _check_new_dir(out)
+    return seal_corpus(home, data, fraction, out)
+
+
 def audit_model(
-    store: ModelStore, ref: VersionRef, members: Path, nonmembers: Path, policy: Policy,
+    store: ModelStore, ref: VersionRef, members: Path, sealed: Path, policy: Policy,
     out: Path, progress: Progress | None = None, seed: int = 0,
+    reference_models: int | None = None,
 ) -> AuditResult:
     """Run the audit in a private workspace, log it on the version, keep the report in
-    ``out``. Bad input is found before anything is logged."""
+    ``out``. ``members`` is the training corpus, ``sealed`` the corpus its reserve was
+    sealed from. Bad input is found before anything is logged."""
+    reference_model_count(policy, reference_models)  # bad input before any work
+    pinned = pinned_policy_digest(store.home)
     _check_new_dir(out)
     with recorder(store.home) as rec, _new_dir(out) as tmp:
-        result = audit_version(store, ref, members, nonmembers, policy, tmp / "work",
-                               progress, seed)
+        result = audit_version(store, ref, members, sealed, policy, tmp / "work",
+                               progress, seed, reference_models, pinned)
         report = tmp / "work" / "audit"
         _record_audit(rec, result, report)  # first: an unrecorded verdict is not logged
         log_audit(store, result)
@@ -196,7 +214,10 @@ def _record_audit(rec: Recorder, result: AuditResult, report: Path) -> None:
                 "policy_digest": result.policy_digest,
                 "report_digest": files.get(REPORT_FILE),
                 "roc_digest": files.get(ROC_FILE),
-                "privacy_unit": result.privacy_unit})
+                "privacy_unit": result.privacy_unit,
+                "policy_pinned": result.policy_pinned,
+                "pinned_policy_digest": result.pinned_digest,
+                "reference_models": result.reference_models})
 
 
 def finetune_options(**kwargs: Any) -> FinetuneOptions:

@@ -187,23 +187,39 @@ def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
                       card=card)
 
 
-def audit_passed(tags: Mapping[str, str], onnx_digest: str) -> bool:
-    """Whether the version's audit verdict is PASS for exactly these ONNX bytes."""
+def audit_passed(tags: Mapping[str, str], onnx_digest: str, pinned_policy: str) -> bool:
+    """Whether the version's audit verdict is PASS for exactly these ONNX bytes, under the
+    policy the site pins (registry.audit.policy.pinned_policy_digest)."""
     return (tags.get(TAG + "audit.verdict") == "PASS"
-            and tags.get(TAG + "audit.onnx_digest") == onnx_digest)
+            and tags.get(TAG + "audit.onnx_digest") == onnx_digest
+            and tags.get(TAG + "audit.policy_digest") == pinned_policy)
+
+
+def gate_refusal(tags: Mapping[str, str], onnx_digest: str, pinned_policy: str) -> str:
+    """Why the version's audit does not open the gate (for the error message)."""
+    verdict = tags.get(TAG + "audit.verdict")
+    if verdict is None:
+        return "no audit"
+    if tags.get(TAG + "audit.onnx_digest") != onnx_digest:
+        return "its audit speaks of other ONNX bytes"
+    if verdict != "PASS":
+        return f"audit verdict {verdict}"
+    return (f"its audit PASS is under policy {tags.get(TAG + 'audit.policy_digest')}, not "
+            f"the site's pinned policy {pinned_policy} (audit.policy_sha256)")
 
 
 def check_gate(store: ModelStore, export: OnnxExport, override: Override | None) -> str:
-    """PASS verdict for these exact ONNX bytes, or a recorded override; else Refused."""
+    """PASS verdict under the pinned policy for these exact ONNX bytes, or a recorded
+    override; else Refused."""
+    from registry.audit.policy import pinned_policy_digest
+
     info = store.get(export.ref)
     verdict = info.tags.get(TAG + "audit.verdict")
-    audited = info.tags.get(TAG + "audit.onnx_digest")
-    if audit_passed(info.tags, export.onnx_digest):
+    pinned = pinned_policy_digest(store.home)
+    if audit_passed(info.tags, export.onnx_digest, pinned):
         return "audit PASS"
     if override is None:
-        why = ("no audit" if verdict is None else
-               f"audit verdict {verdict}" if audited == export.onnx_digest else
-               "its audit speaks of other ONNX bytes")
+        why = gate_refusal(info.tags, export.onnx_digest, pinned)
         raise GateRefused(f"{export.ref} may not be exported: {why}; run 'passerelle model "
                           "audit' or give --override --approver NAME --justification TEXT")
     store.set_tags(info, {

@@ -11,10 +11,17 @@ Detectors fail closed: when in doubt a token is flagged. Known limits, by design
   (:func:`find_identifiers`) only capitalised or upper-case occurrences count;
 * a phone number or a date split by a tokenizer into two-digit pieces (``01``,
   ``23``...) cannot be recognised piece by piece; only the pieces that carry five
-  digits or more, a year, or the whole pattern are flagged.
+  digits or more, a year, or the whole pattern are flagged (a token that holds the
+  whole pattern with its spaces or dots, "06 12 34 56 78", is flagged);
+* in free text a lower-case name is flagged only as a first name followed by a last
+  name ("jean dupont"), since a lone lower-case surname is often a common word.
 
-Person names come from the ``fr_FR`` person provider of the installed ``faker``
-package (read locally; faker's random generator is never used).
+Person names come from two independent lists: the ``fr_FR`` person provider of the
+installed ``faker`` package (:func:`name_lists`, the one the corpus generator draws
+from) and the French person dataset of ``mimesis`` (:func:`other_name_lists`, which
+the generator never uses), so that the detectors are not tuned to the generator's own
+names. Both are read locally; neither package's random generator is used. Accents and
+case are ignored when a word is looked up ("Helene", "HÉLÈNE", "hélène" are one name).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ __all__ = [
     "last_names",
     "name_lists",
     "nir_key",
+    "other_name_lists",
     "strip_accents",
 ]
 
@@ -160,6 +168,19 @@ def name_lists() -> NameLists:
     )
 
 
+@lru_cache(maxsize=1)
+def other_name_lists() -> NameLists:
+    """The French first and last names of the ``mimesis`` package (not the generator's)."""
+    import json
+    from importlib import resources
+
+    doc = json.loads((resources.files("mimesis") / "datasets" / "fr" / "person.json")
+                     .read_text(encoding="utf-8"))
+    return NameLists(male_first=_unique(doc["names"]["male"]),
+                     female_first=_unique(doc["names"]["female"]),
+                     last=_unique(doc["surnames"]))
+
+
 # Particles of compound names ("Da Silva", "Le Gall"): never flagged on their own.
 _PARTICLES = frozenset({"da", "de", "del", "della", "des", "di", "do", "dos", "du", "la", "le"})
 
@@ -179,15 +200,24 @@ def _name_forms(names: Iterable[str]) -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def first_names() -> frozenset[str]:
-    """Lower-cased first names (male and female), with accent-stripped variants."""
-    lists = name_lists()
-    return _name_forms(lists.male_first + lists.female_first)
+    """Lower-cased first names (male and female) of both lists, with accent-stripped
+    variants."""
+    forms: frozenset[str] = frozenset()
+    for lists in (name_lists(), other_name_lists()):
+        forms |= _name_forms(lists.male_first + lists.female_first)
+    return forms
 
 
 @lru_cache(maxsize=1)
 def last_names() -> frozenset[str]:
-    """Lower-cased last names and their parts, with accent-stripped variants."""
-    return _name_forms(name_lists().last)
+    """Lower-cased last names and their parts of both lists, with accent-stripped
+    variants."""
+    return _name_forms(name_lists().last) | _name_forms(other_name_lists().last)
+
+
+def _is_name(low: str) -> bool:
+    bare = strip_accents(low)
+    return any(w in first_names() or w in last_names() for w in (low, bare))
 
 
 # ---------------------------------------------------------------------- patterns
@@ -210,8 +240,10 @@ _MONTHS = (
 )
 _DATE_RES = (
     re.compile(r"(?<![\w])(\d{1,2})[/.\-](\d{1,2})[/.\-](\d{4})(?![\w])"),
-    re.compile(r"(?<![\w])(\d{4})-(\d{2})-(\d{2})(?![\w])"),
+    re.compile(r"(?<![\w])(\d{4})[/.\-](\d{1,2})[/.\-](\d{1,2})(?![\w])"),
     re.compile(r"(?<![\w])(\d{1,2}|1er)\s+(" + _MONTHS + r")\s+(\d{4})(?![\w])", re.IGNORECASE),
+    # two-digit years, "12-3-57", "12/03/57": day and month checked, the year any
+    re.compile(r"(?<![\w.])(\d{1,2})([/\-])(\d{1,2})\2(\d{2})(?![\w.])"),
 )
 _DIGIT_RUN_RE = re.compile(r"(?<![\w])\d{7,10}(?![\w])")
 _WORD_RE = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")
@@ -224,6 +256,11 @@ def _plausible_dmy(day: int, month: int, year: int) -> bool:
 def _dates(text: str) -> Iterable[tuple[int, int]]:
     for pattern in _DATE_RES:
         for m in pattern.finditer(text):
+            if pattern is _DATE_RES[3]:
+                day, _, month, _ = m.groups()
+                if 1 <= int(day) <= 31 and 1 <= int(month) <= 12:
+                    yield m.start(), m.end()
+                continue
             a, b, c = m.groups()
             if pattern is _DATE_RES[1]:
                 ok = _plausible_dmy(int(c), int(b), int(a))
@@ -239,10 +276,7 @@ def _dates(text: str) -> Iterable[tuple[int, int]]:
 def _is_name_word(word: str) -> bool:
     if len(word) < 2 or not (word[0].isupper()):
         return False
-    low = word.lower()
-    if word.isupper():
-        return low in last_names() or low in first_names()
-    return low in first_names() or low in last_names()
+    return _is_name(word.lower())
 
 
 Detector = Callable[[str], list[Finding]]
@@ -282,11 +316,21 @@ def detect_ipp(text: str) -> list[Finding]:
 
 
 def detect_person_name(text: str) -> list[Finding]:
-    """Capitalised or upper-case words (or hyphenated parts) found in the name lists."""
+    """Capitalised or upper-case words (or hyphenated parts) found in the name lists,
+    accents ignored; in lower case, a first name followed by a last name."""
     found = []
-    for m in _WORD_RE.finditer(text):
+    words = list(_WORD_RE.finditer(text))
+    for i, m in enumerate(words):
         if any(_is_name_word(p) for p in re.split(r"['’\-]", m.group())):
             found.append(Finding(IdentifierKind.PERSON_NAME, m.group(), m.start(), m.end()))
+            continue
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        low = strip_accents(m.group().lower())
+        if nxt is not None and text[m.end():nxt.start()].strip() == "" and \
+                low in first_names() and len(low) >= 3 and \
+                strip_accents(nxt.group().lower()) in last_names():
+            found.append(Finding(IdentifierKind.PERSON_NAME, text[m.start():nxt.end()],
+                                 m.start(), nxt.end()))
     return found
 
 
@@ -355,7 +399,11 @@ def identifier_kind_of_token(token: str) -> IdentifierKind | None:
         return None
     if _EMAIL_RE.search(tok):
         return IdentifierKind.EMAIL
-    run = _RUN5_RE.search(tok)
+    for hit in find_identifiers(token):  # a whole pattern in one token, spaced or dotted
+        if hit.kind not in (IdentifierKind.PERSON_NAME, IdentifierKind.IPP):
+            return hit.kind
+    compact = re.sub(r"[\s.\-/]", "", tok)
+    run = _RUN5_RE.search(tok) or (_RUN5_RE.fullmatch(compact) if compact.isdigit() else None)
     if run:
         return _digit_run_kind(run.group())
     if any(True for _ in _dates(tok)):
@@ -363,9 +411,7 @@ def identifier_kind_of_token(token: str) -> IdentifierKind | None:
     for m in _RUN4_RE.finditer(tok):
         if 1900 <= int(m.group(1)) <= 2030:
             return IdentifierKind.DATE
-    if tok in first_names() or tok in last_names():
-        return IdentifierKind.PERSON_NAME
-    bare = strip_accents(tok)
-    if bare in first_names() or bare in last_names():
+    if _is_name(tok) or any(len(w) >= 3 and _is_name(w) for w in re.split(r"[\s'’\-./:]+", tok)
+                            if w != tok):
         return IdentifierKind.PERSON_NAME
     return None

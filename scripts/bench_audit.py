@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark: the memorisation audit's runtime at the demo's sizes, against a baseline.
 
-It generates site X's corpus (default 20,000 stays and 10 canaries, as the demo), trains
-and registers the reference coder, then times ``model audit`` (the default policy:
-8 reference models) in the same run. The baseline is the training of the target model
-itself, also timed in this run: the audit's cost is reported as a multiple of it (these
-machines are noisy; ratios travel, seconds do not).
+It generates site X's corpus (default 20,000 stays and 10 canaries, as the demo), seals
+the audit's reserve (a fifth of the patients, as the demo), trains and registers the
+reference coder on the rest, then times ``model audit`` (the default policy: 8 reference
+models, each trained for as many gradient steps as the target) in the same run. The
+baseline is the training of the target model itself, also timed in this run: the
+audit's cost is reported as a multiple of it (these machines are noisy; ratios travel,
+seconds do not).
 
 Usage: python scripts/bench_audit.py [--stays 20000] [--canaries 10]
        [--reference-models 8] [--workdir DIR] [--json FILE]
@@ -25,12 +27,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataclasses import replace
-
 from passerelle import steps
 from registry.audit.policy import load_policy
 from registry.coder import CoderConfig
 from registry.store import ModelStore
+from transfer.identity import init_site
 
 
 def main() -> int:
@@ -38,7 +39,7 @@ def main() -> int:
     parser.add_argument("--stays", type=int, default=20000)
     parser.add_argument("--canaries", type=int, default=10)
     parser.add_argument("--reference-models", type=int, default=None,
-                        help="default: the default policy's number (8)")
+                        help="raise the default policy's number (8); default: 8")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -46,25 +47,26 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)
     policy = load_policy()
-    if args.reference_models:
-        policy = replace(policy, attacks=replace(policy.attacks,
-                                                 reference_models=args.reference_models))
-    data = work / "x"
+    data, train = work / "x", work / "x-training"
+    home = work / "home"
+    init_site(home, "CHU-X")
     steps.generate_corpus("X", args.stays, args.seed, args.canaries, data)
+    steps.seal_data(home, data, 0.2, train)
     t0 = time.perf_counter()
-    report = steps.train_model(data, work / "model", CoderConfig(seed=args.seed))
+    report = steps.train_model(train, work / "model", CoderConfig(seed=args.seed))
     train_s = time.perf_counter() - t0
-    store = ModelStore(work / "home")
-    info = steps.register_model(store, report.out_dir, "pmsi-coder", "bench", "bench")
+    store = ModelStore(home)
+    info = steps.register_model(store, report.out_dir, "pmsi-coder", "bench", "bench", train)
     t0 = time.perf_counter()
-    audit = steps.audit_model(store, info.ref, data, data, policy, work / "audit", None,
-                              args.seed)
+    audit = steps.audit_model(store, info.ref, train, data, policy, work / "audit", None,
+                              args.seed, args.reference_models)
     audit_s = time.perf_counter() - t0
     result = {
         "stays": args.stays, "canaries": args.canaries,
-        "reference_models": policy.attacks.reference_models,
+        "reference_models": audit.reference_models, "target_steps": audit.target_steps,
+        "reference_epochs": audit.reference_epochs,
         "members": audit.members, "nonmembers": audit.nonmembers,
-        "verdict": audit.verdict,
+        "verdict": audit.verdict, "failed": [c.name for c in audit.failed],
         "train_target_s": round(train_s, 1),
         "audit_s": round(audit_s, 1),
         "audit_over_train": round(audit_s / train_s, 2),

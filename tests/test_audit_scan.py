@@ -74,3 +74,39 @@ def test_identifiers_in_the_card_or_the_onnx_metadata_are_found(
     assert ("model_card.json", FindingKind.EMAIL) in found
     assert ("model_card.json", FindingKind.PHONE) in found
     assert ("model.onnx", FindingKind.NIR) in found
+
+
+def test_identifiers_planted_in_every_shipped_place_are_found(
+    keras_model: steps.TrainReport, home: Path, tmp_path: Path
+) -> None:
+    from registry.identifiers import _name_forms, name_lists, strip_accents
+    from tests.scan_support import PLANTED, plant
+
+    out = _export(home, keras_model.out_dir, tmp_path / "e")
+    assert scan_export_dir(out).findings == ()  # clean before planting
+    plant(out)
+    report = scan_export_dir(out)
+    for file, what, kind, place in PLANTED:  # each one found, of its kind, at its place
+        assert any(f.file == file and f.kind.value == kind and place in f.where
+                   for f in report.findings), (file, what, kind, report.counts())
+    # the names are not the generator's: none is in faker's fr_FR lists
+    lists = name_lists()
+    generator = _name_forms(lists.male_first + lists.female_first + lists.last)
+    for name in ("archambault", "amyot", "arsenault", "algernon", "asselin", "aubut",
+                 "anctil", "achille", "ambroise", "alban"):
+        assert strip_accents(name) not in generator, name
+
+
+def test_a_tfidf_vocabulary_kept_in_onnx_string_attributes_is_scanned(tmp_path: Path) -> None:
+    """skl2onnx's TfIdfVectorizer keeps its vocabulary in the node's pool_strings."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import StringTensorType
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer().fit(["douleur thoracique anctil", "fracture du col"])
+    model = to_onnx(vectorizer, initial_types=[("text", StringTensorType([None, 1]))])
+    (tmp_path / "model.onnx").write_bytes(model.SerializeToString())
+    (tmp_path / "vocabulary.json").write_text('{"tokens": ["<pad>", "<unk>"]}')
+    findings = scan_export_dir(tmp_path).findings
+    assert any(f.file == "model.onnx" and f.kind is FindingKind.PERSON_NAME
+               and "pool_strings" in f.where for f in findings), findings

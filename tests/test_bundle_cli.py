@@ -98,9 +98,12 @@ def test_model_travels_from_x_to_y_through_the_cli(
     audit = tmp_path / "audit"
     audit.mkdir()
     (audit / "audit-report.json").write_text('{"verdict": "PASS"}')
+    from registry.audit.policy import load_policy
+
     store_x.attach(store_x.get(info2.ref), audit, "audit", {
         "passerelle.audit.verdict": "PASS",
-        "passerelle.audit.onnx_digest": exported.onnx_digest})
+        "passerelle.audit.onnx_digest": exported.onnx_digest,
+        "passerelle.audit.policy_digest": load_policy().digest})  # the site's default
     bundle2 = tmp_path / "coder-2.bundle"
     code, created2, err = _run(capsys, "bundle", "create", str(info2.ref), "--to", "Y",
                                "--out", str(bundle2), "--home", hx)
@@ -121,17 +124,22 @@ def test_export_gate_needs_a_pass_or_an_override_for_these_exact_bytes() -> None
     from transfer.exchange import export_gate
 
     mine, other = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    pinned, unpinned = "sha256:" + "c" * 64, "sha256:" + "d" * 64
 
     def info(**tags: str) -> VersionInfo:
         return VersionInfo(VersionRef("m", "1"), "run", "source",
                            {f"passerelle.{k.replace('__', '.')}": v for k, v in tags.items()})
 
-    assert export_gate(info(audit__verdict="PASS", audit__onnx_digest=mine), mine) == "PASS"
-    for refused in (info(), info(audit__verdict="PASS", audit__onnx_digest=other),
+    assert export_gate(info(audit__verdict="PASS", audit__onnx_digest=mine,
+                            audit__policy_digest=pinned), mine, pinned) == "PASS"
+    for refused in (info(), info(audit__verdict="PASS", audit__onnx_digest=other,
+                                 audit__policy_digest=pinned),
+                    info(audit__verdict="PASS", audit__onnx_digest=mine,
+                         audit__policy_digest=unpinned),
                     info(audit__verdict="FAIL", audit__onnx_digest=mine),
                     info(export__override__onnx_digest=other)):
         with pytest.raises(GateRefused, match="may not leave"):
-            export_gate(refused, mine)
+            export_gate(refused, mine, pinned)
     overridden = info(audit__verdict="FAIL", audit__onnx_digest=mine,
                       export__override__onnx_digest=mine, export__override__approver="Ann")
-    assert export_gate(overridden, mine) == "FAIL (export override by Ann)"
+    assert export_gate(overridden, mine, pinned) == "FAIL (export override by Ann)"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from passerelle.corpus import (
+    CANARY_ALPHABET,
     CANARY_TEMPLATE,
     SITES,
     Corpus,
@@ -387,7 +388,8 @@ def test_canaries_are_planted_with_consistent_metadata() -> None:
     for c in corpus.canaries:
         assert c.template == CANARY_TEMPLATE and "{secret}" in c.template
         symbols = c.secret.split(c.separator) if c.separator else list(c.secret)
-        assert len(symbols) == c.length == 9 and all(x in c.alphabet for x in symbols)
+        assert len(symbols) == c.length == 6 and all(x in c.symbols for x in symbols)
+        assert len(c.symbols) == 16
         assert len(c.stay_ids) == 3
         for sid in c.stay_ids:
             s = stays[sid]
@@ -397,7 +399,23 @@ def test_canaries_are_planted_with_consistent_metadata() -> None:
         secrets.add(c.secret)
     assert len(secrets) == 4
     assert sum(s.canary for s in corpus.stays) == 12
-    assert not any("Code d'accès" in s.text for s in corpus.stays if not s.canary)
+    assert not any("Mention de contrôle" in s.text for s in corpus.stays if not s.canary)
+
+
+def test_canary_words_are_kept_by_a_vocabulary_with_a_patient_floor() -> None:
+    """A secret out of the vocabulary could never be memorised: its words must be
+    ordinary clinical words that every site writes for many patients, and no identifier."""
+    from registry.identifiers import identifier_kind_of_token
+    from registry.vocabulary import CLINICAL_SECTIONS, VocabularyConfig, build_vocabulary
+    from registry.vocabulary import select_text as select
+
+    for site in ("X", "Y"):
+        corpus = generate(site, 1500, 3)
+        texts = [select(s.sections.as_dict(), CLINICAL_SECTIONS) for s in corpus.stays]
+        vocab = build_vocabulary(texts, [s.patient_id for s in corpus.stays],
+                                 VocabularyConfig(min_patients=5))
+        assert set(CANARY_ALPHABET.split()) <= set(vocab.tokens), site
+    assert all(identifier_kind_of_token(w) is None for w in CANARY_ALPHABET.split())
     assert generate("X", 50, 21).canaries == ()
 
 

@@ -264,6 +264,11 @@ def test_finetune_registers_a_new_version_with_privacy_lineage(
     assert tags[TAG + "finetune.accuracy_scope"] == "heldout-outside-budget-not-dp"
     assert "train_units" not in json.dumps(doc)  # the exact count is never released
     assert float(tags[TAG + "finetune.epsilon_pld"]) <= 3.0
+    # the source's audit verdict was earned by other bytes: not inherited, status stated
+    assert tags[TAG + "audit.status"] == "not-audited"
+    assert TAG + "audit_verdict" not in tags and TAG + "audit.verdict" not in tags
+    source_tags = ModelStore(home).get(received[1]).tags
+    assert tags[TAG + "source_audit_verdict"] == source_tags.get(TAG + "audit_verdict", "none")
     # the new ONNX runs in onnxruntime and matches the executor
     out = ModelStore(home).download(info, "onnx", tmp_path / "dl")
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)

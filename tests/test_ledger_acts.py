@@ -25,6 +25,8 @@ from passerelle.errors import PasserelleError
 from registry.audit.policy import load_policy
 from registry.export import Override
 from registry.store import TAG, ModelStore, VersionRef
+from tests.audit_support import sealed
+from tests.conftest import small_config
 from transfer.bundle import read_envelope
 from transfer.errors import Rollback
 from transfer.exchange import CreatedBundle, ReceivedModel, create_bundle, receive_bundle
@@ -60,11 +62,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     TrustStore(x).add(public_identity(y))
     TrustStore(y).add(public_identity(x))
     store = ModelStore(x)
-    info = steps.register_model(store, keras_model.out_dir, MODEL, "aide au codage PMSI",
-                                "RGPD art. 6(1)(e) et 9(2)(h)", data=corpus_x)
+    train = sealed(x, corpus_x, root / "train")  # the audit's reserve, sealed before training
+    steps.train_model(train, root / "model", small_config())
+    info = steps.register_model(store, root / "model", MODEL, "aide au codage PMSI",
+                                "RGPD art. 6(1)(e) et 9(2)(h)", data=train)
     policy = load_policy()
     policy = replace(policy, attacks=replace(policy.attacks, reference_models=2))
-    audit = steps.audit_model(store, info.ref, corpus_x, corpus_x, policy, root / "audit")
+    audit = steps.audit_model(store, info.ref, train, corpus_x, policy, root / "audit")
     override = None if audit.verdict == "PASS" else \
         Override("Dr Claire Martin", "validated by the DPO after review of the audit")
     steps.export_model(store, info.ref, root / "export", override)
@@ -79,6 +83,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     with pytest.raises(Rollback):  # a replay: refused, and recorded with its reason
         receive_bundle(replay, y, ModelStore(y))
     return World(root, x, y, info.ref, audit.verdict, created, received)
+
+
+def tags_of(world: World) -> dict[str, str]:
+    return dict(ModelStore(world.x).get(world.ref).tags)
 
 
 def _records(home: Path) -> list[Record]:
@@ -96,9 +104,12 @@ def test_every_act_at_the_source_is_recorded_with_its_digests(world: World) -> N
     records = _records(world.x)
     export_kind = RecordKind.EXPORT if world.verdict == "PASS" else RecordKind.EXPORT_OVERRIDE
     assert [r.kind for r in records] == [
-        RecordKind.TRUST_ADDED, RecordKind.MODEL_REGISTERED, RecordKind.AUDIT_VERDICT,
-        export_kind, RecordKind.BUNDLE_CREATED]
-    trust, registered, audit, export, created = records
+        RecordKind.TRUST_ADDED, RecordKind.PSEUDONYM_KEY_CREATED, RecordKind.RESERVE_SEALED,
+        RecordKind.MODEL_REGISTERED, RecordKind.AUDIT_VERDICT, export_kind,
+        RecordKind.BUNDLE_CREATED]
+    trust, _, sealed_reserve, registered, audit, export, created = records
+    assert sealed_reserve.fields["training_corpus"] == tags_of(world)[
+        TAG + "dataset_fingerprint"]
     tags = ModelStore(world.x).get(world.ref).tags
     assert trust.fields["fingerprint"] == public_identity(world.y).fingerprint
     assert {s.digest for s in trust.subjects} == {public_identity(world.y).fingerprint}
@@ -138,7 +149,7 @@ def test_peer_check_matches_the_transfer_at_both_ends(
     code, at_y, err = _cli(capsys, "records", "verify", "--peer", str(tmp_path / "x.jsonl"),
                            "--home", str(world.y))
     assert code == 0, err
-    assert at_y["peer"] == {"peer": "X", "peer_records": 5, "transfers_in": 2,
+    assert at_y["peer"] == {"peer": "X", "peer_records": 7, "transfers_in": 2,
                             "transfers_out": 0, "consistent": True}
     code, at_x, err = _cli(capsys, "records", "verify", "--peer", str(tmp_path / "y.jsonl"),
                            "--home", str(world.x))
@@ -167,7 +178,7 @@ def test_changed_mlflow_digest_is_caught_by_records_verify_and_the_report(
     try:
         code, _, err = _cli(capsys, "records", "verify", "--home", str(world.x))
         assert code == 1
-        assert err.startswith("error: ledger broken at record seq 1 ")
+        assert err.startswith("error: ledger broken at record seq 3 ")
         assert "model_dir_digest" in err and f"MLflow now holds for {world.ref}" in err
         code, doc, err = _cli(capsys, "report", "--out", str(tmp_path / "r.html"),
                               "--home", str(world.x))

@@ -30,6 +30,8 @@ from passerelle.digests import sha256_bytes
 from registry.audit.policy import load_policy
 from registry.export import Override
 from registry.store import TAG, ModelStore, VersionRef
+from tests.audit_support import sealed
+from tests.conftest import small_config
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.i18n import STRINGS, up
 from transfer.identity import init_site, public_identity
@@ -64,12 +66,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     TrustStore(x).add(public_identity(y))
     TrustStore(y).add(public_identity(x))
     store = ModelStore(x)
-    info = steps.register_model(store, keras_model.out_dir, MODEL, "aide au codage PMSI",
-                                "RGPD art. 6(1)(e) et 9(2)(h)", data=corpus_x)
+    train = sealed(x, corpus_x, root / "train")  # the audit's reserve, sealed before training
+    steps.train_model(train, root / "model", small_config())
+    info = steps.register_model(store, root / "model", MODEL, "aide au codage PMSI",
+                                "RGPD art. 6(1)(e) et 9(2)(h)", data=train)
     policy = load_policy()  # an AUC limit no trained model meets: the verdict is FAIL
     policy = replace(policy, attacks=replace(policy.attacks, reference_models=2),
                      membership=replace(policy.membership, max_auc=0.5))
-    audit = steps.audit_model(store, info.ref, corpus_x, corpus_x, policy, root / "audit")
+    audit = steps.audit_model(store, info.ref, train, corpus_x, policy, root / "audit")
     assert audit.verdict == "FAIL"
     steps.export_model(store, info.ref, root / "export", Override(APPROVER, JUSTIFICATION))
     created = create_bundle(x, store, info.ref, ["Y"], root / "coder.bundle")
@@ -272,10 +276,10 @@ def test_records_open_and_filter_in_chromium_under_the_pages_csp(
     out = tmp_path / "x.html"
     _report(capsys, world.x, out)
     uri = out.resolve().as_uri()
-    opened = _browser(chromium, tmp_path / "p1", "--dump-dom", uri + "#rec-2").stdout
-    assert re.search(r'<details class="rec" id="rec-2" data-kind="audit_verdict" open="">',
+    opened = _browser(chromium, tmp_path / "p1", "--dump-dom", uri + "#rec-4").stdout
+    assert re.search(r'<details class="rec" id="rec-4" data-kind="audit_verdict" open="">',
                      opened)  # the inline script ran: the CSP allows it by its hash
-    assert not re.search(r'id="rec-3"[^>]*open=', opened)
+    assert not re.search(r'id="rec-5"[^>]*open=', opened)
     filtered = _browser(chromium, tmp_path / "p2", "--dump-dom",
                         uri + "#filter=export_override").stdout
     assert '<b id="rec-count">1</b>' in filtered

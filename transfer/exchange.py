@@ -91,24 +91,26 @@ def received_name(sender: str, model: str) -> str:
     return f"{sender}.{model}"
 
 
-def export_gate(info: VersionInfo, onnx_digest: str) -> str:
+def export_gate(info: VersionInfo, onnx_digest: str, pinned_policy: str) -> str:
     """The verdict a version may leave with, or :class:`GateRefused`.
 
-    It may leave with a PASS audit verdict for these exact ONNX bytes, or with an export
-    override recorded for these bytes by ``model export --override`` (registry.export).
+    It may leave with a PASS audit verdict for these exact ONNX bytes under the site's
+    pinned audit policy, or with an export override recorded for these bytes by
+    ``model export --override`` (registry.export).
     """
     from registry.export import audit_passed
 
     tags = info.tags
     verdict = tags.get(TAG + "audit.verdict")
-    if audit_passed(tags, onnx_digest):
+    if audit_passed(tags, onnx_digest, pinned_policy):
         return "PASS"
     if tags.get(TAG + "export.override.onnx_digest") == onnx_digest:
         approver = tags.get(TAG + "export.override.approver", "unknown")[:200]
         return f"{verdict or 'none'} (export override by {approver})"
-    raise GateRefused(f"{info.ref} may not leave this site: no PASS audit verdict for its "
-                      "ONNX bytes and no recorded export override (run 'passerelle model "
-                      "audit', or 'passerelle model export --override ...')")
+    raise GateRefused(f"{info.ref} may not leave this site: no PASS audit verdict under the "
+                      "site's pinned policy for its ONNX bytes and no recorded export "
+                      "override (run 'passerelle model audit', or 'passerelle model export "
+                      "--override ...')")
 
 
 def _add_audit_report(store: ModelStore, info: VersionInfo, ship: Path, work: Path,
@@ -131,6 +133,7 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
     home's private ``.sending/`` area; beside ``out`` only ciphertext is written, moved
     into place at the end. The sequence number is taken under a lock.
     """
+    from registry.audit.policy import pinned_policy_digest
     from registry.export import shippable
 
     if out.exists():
@@ -146,11 +149,12 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
     identity = load_site(home)
     trust = TrustStore(home)
     recipients = [trust.recipient(site) for site in dict.fromkeys(to)]
-    _gate_before_export(store.get(ref))  # refused before anything is converted or logged
+    pinned = pinned_policy_digest(home)  # the only audit policy this site's gate accepts
+    _gate_before_export(store.get(ref), pinned)  # refused before anything is converted
     with recorder(home, identity) as rec, sending_area(home) as work:
         export = shippable(store, ref, work / "onnx")  # digest re-checked, or converted
         info = store.get(ref)  # the tags as they are now
-        verdict = export_gate(info, export.onnx_digest)
+        verdict = export_gate(info, export.onnx_digest, pinned)
         ship = export.directory
         if sha256_file(ship / ONNX_FILE) != export.onnx_digest:
             raise DigestMismatch(f"{ref}: model.onnx changed on the way")
@@ -167,14 +171,14 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
     return CreatedBundle(out, digest, statement, out.stat().st_size)
 
 
-def _gate_before_export(info: VersionInfo) -> None:
+def _gate_before_export(info: VersionInfo, pinned_policy: str) -> None:
     """A version with no logged export is converted (and the export logged on it) by
     ``shippable``; refuse first unless its tags already let some ONNX bytes leave."""
     if TAG + "onnx_digest" in info.tags:
         return
     candidate = (info.tags.get(TAG + "audit.onnx_digest")
                  or info.tags.get(TAG + "export.override.onnx_digest") or "")
-    export_gate(info, candidate)
+    export_gate(info, candidate, pinned_policy)
 
 
 def _created_hook(rec: Recorder, statement: TransferStatement,

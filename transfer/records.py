@@ -82,6 +82,7 @@ class RecordKind(StrEnum):
     NOTICE_RECEIVED = "notice_received"
     NOTICE_REFUSED = "notice_refused"
     MODEL_USED = "model_used"
+    RESERVE_SEALED = "reserve_sealed"
 
     @property
     def predicate_type(self) -> str:

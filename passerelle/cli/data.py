@@ -1,4 +1,5 @@
-"""``passerelle data generate``: the synthetic PMSI corpus."""
+"""``passerelle data generate`` (the synthetic PMSI corpus) and ``data seal`` (the audit's
+reserve of non-members)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from passerelle.cli._common import (
     add_out,
     console,
     emit,
+    existing_dir,
+    float_range,
+    home_of,
     int_range,
     output_dir,
 )
@@ -40,6 +44,34 @@ def add_to(sub: Subparsers) -> None:
     p.add_argument("--canaries", type=int_range(0, MAX_CANARIES), default=0, metavar="K",
                    help=f"plant K canary patients carrying a random secret, 0 to "
                    f"{MAX_CANARIES:,} (default 0)")
+    p = add_command(
+        group, "seal", seal,
+        "seal the audit's reserve of patients before any training (site administrator)",
+        "Draw the audit's reserve: every patient of DIR whose keyed hash (the site's\n"
+        "pseudonymisation key) falls below F. Write DIR without them to TRAIN_DIR, the\n"
+        "corpus handed to training, and record a reserve_sealed commitment in the ledger\n"
+        "(both corpus digests, F, counts, a keyed digest of the reserve's patients).\n"
+        "`model audit --members TRAIN_DIR --nonmembers DIR` then scores the reserve as\n"
+        "non-members the model's owner never had. Needs the site's identity (site init).",
+    )
+    p.add_argument("data", type=existing_dir, metavar="DIR", help="the site's corpus")
+    p.add_argument("--fraction", required=True, type=float_range(0.05, 0.5, low_open=False),
+                   metavar="F", help="share of patients sealed in the reserve, in [0.05, 0.5] "
+                   "(required)")
+    add_out(p, "dir", "where the training corpus (DIR without the reserve) is written "
+            "(must not exist, or be empty)", metavar="TRAIN_DIR")
+
+
+def seal(args: argparse.Namespace) -> int:
+    home = home_of(args, writes=True)
+    with output_dir(args.out):
+        sealed = steps.seal_data(home, args.data, args.fraction, args.out)
+    doc = {"out": str(args.out)} | sealed.fields()
+    emit(args, doc, lambda: console.print(
+        f"sealed {sealed.reserve_patients} patients ({sealed.reserve_stays} stays) of "
+        f"{args.data} in the audit's reserve; the training corpus ({sealed.training_patients} "
+        f"patients, {sealed.training_stays} stays) is in {args.out}"))
+    return 0
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from transfer.withdrawal import receive_notice, withdraw_version
 MODEL_NAME = "pmsi-coder"
 SITE_X, SITE_Y = "CHU-X", "CH-Y"
 CANARIES = 10
+RESERVE_FRACTION = 0.2  # share of X's patients sealed as the audit's reserve
 EPSILON, DELTA = 3.0, 1e-5  # site Y's fine-tuning target, patient level
 PURPOSE = "PMSI coding assistance: suggest the main CIM-10 diagnosis of a stay"
 LEGAL_BASIS = ("GDPR art. 6(1)(e) public interest task; art. 9(2)(h) health care "
@@ -53,7 +54,8 @@ def add_to(sub: Subparsers) -> None:
     p = add_command(
         sub, "demo", demo, "run the whole story on one machine with two simulated sites",
         "Generate site X's and site Y's synthetic corpora; create both sites' identities\n"
-        "and pin each other's key; train the reference PMSI coder at X (accuracy on X's\n"
+        "and pin each other's key; seal a fifth of X's patients as the audit's reserve\n"
+        "(data seal); train the reference PMSI coder at X on the rest (accuracy on X's\n"
         "held-out patients and on Y); register it in X's MLflow registry (SQLite under\n"
         "WORKDIR/site-x); audit it for memorised patient data (membership inference,\n"
         "canaries, identifier scan); export it to ONNX through the gate; sign and encrypt\n"
@@ -94,6 +96,11 @@ class _Run:
         return self.work / "data" / "site-y"
 
     @property
+    def train_x(self) -> Path:
+        """X's corpus without the audit's sealed reserve: what the vendor trains on."""
+        return self.work / "data" / "site-x-training"
+
+    @property
     def home_x(self) -> Path:
         return self.work / "site-x"
 
@@ -117,7 +124,7 @@ def demo(args: argparse.Namespace) -> int:
 def _play(args: argparse.Namespace, work: Path) -> int:
     run = _Run(args, work)
     plan: list[tuple[str, Callable[[_Run], str]]] = [
-        ("generate", _generate), ("sites", _sites), ("train", _train),
+        ("generate", _generate), ("sites", _sites), ("seal", _seal), ("train", _train),
         ("register", _register), ("audit", _audit), ("export", _export),
         ("transfer", _transfer), ("finetune", _finetune), ("predict", _predict),
         ("withdraw", _withdraw), ("ledgers", _ledgers), ("lineage", _lineage),
@@ -157,9 +164,18 @@ def _sites(run: _Run) -> str:
             f"home) and pinned each other's key; public identity files in {identities}")
 
 
+def _seal(run: _Run) -> str:
+    seal = steps.seal_data(run.home_x, run.data_x, RESERVE_FRACTION, run.train_x)
+    run.summary["reserve"] = seal.fields()
+    return (f"{SITE_X}'s administrator sealed the audit's reserve before any training: "
+            f"{seal.reserve_patients} patients ({seal.reserve_stays} stays) drawn by the "
+            f"site's keyed hash, committed in the ledger; the vendor trains on the other "
+            f"{seal.training_patients} patients in {run.train_x}")
+
+
 def _train(run: _Run) -> str:
     with progress_bar(run.args) as progress:
-        report = steps.train_model(run.data_x, run.work / "models" / MODEL_NAME,
+        report = steps.train_model(run.train_x, run.work / "models" / MODEL_NAME,
                                    CoderConfig(epochs=run.args.epochs, seed=run.args.seed),
                                    [run.data_y], progress)
     run.summary["model_dir"] = str(report.out_dir)
@@ -179,7 +195,7 @@ def _train(run: _Run) -> str:
 def _register(run: _Run) -> str:
     store = ModelStore(run.home_x)
     info = steps.register_model(store, Path(run.summary["model_dir"]), MODEL_NAME, PURPOSE,
-                                LEGAL_BASIS, run.data_x, "CHU de site X (demo)")
+                                LEGAL_BASIS, run.train_x, "CHU de site X (demo)")
     run.summary["model"] = str(info.ref)
     run.summary["registry"] = store.display_uri
     return f"registered {info.ref} in {SITE_X}'s registry {store.display_uri}"
@@ -191,7 +207,7 @@ def _ref(run: _Run) -> VersionRef:
 
 def _audit(run: _Run) -> str:
     with progress_bar(run.args) as progress:
-        audit = steps.audit_model(ModelStore(run.home_x), _ref(run), run.data_x, run.data_x,
+        audit = steps.audit_model(ModelStore(run.home_x), _ref(run), run.train_x, run.data_x,
                                   load_policy(), run.work / "audit", progress, run.args.seed)
     run.summary["audit"] = {"verdict": audit.verdict, "report": str(audit.report_dir),
                             "failed": [c.name for c in audit.failed]}
@@ -305,7 +321,7 @@ def _withdraw(run: _Run) -> str:
 
 
 def _lineage(run: _Run) -> str:
-    dataset = manifest_digest(run.data_x)
+    dataset = manifest_digest(run.train_x)  # the corpus the model was trained on
     exports = run.summary["ledgers"]["exports"]
     found = lineage(run.home_x, dataset=dataset, peers=[Path(exports[run.home_y.name])])
     run.summary["lineage"] = {"dataset": dataset, "versions": [d.to_json() for d in found]}

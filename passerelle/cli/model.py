@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -117,21 +117,26 @@ def _add_audit(group: Subparsers) -> None:
         "everything shipped beside the weights for identifiers. The verdict (PASS/FAIL)\n"
         "under the policy, the metrics, the ROC plot and the policy digest are logged on\n"
         "the version. Exit 0 on PASS, 1 on FAIL.\n"
-        "--members is the training corpus; --nonmembers is another corpus of the same site,\n"
-        "or the training corpus again, whose held-out patients are then the non-members.",
+        "--members is the training corpus (TRAIN_DIR of `data seal`); --nonmembers is the\n"
+        "corpus the site sealed it from (DIR of `data seal`): the non-members are the\n"
+        "sealed reserve, drawn again with the site's key and checked against the ledger,\n"
+        "and the declared held-out patients, whose split must reproduce (exit 2 if not).\n"
+        "The gate and `bundle create` take only a PASS under the site's pinned policy\n"
+        "(site setting audit.policy_sha256; empty: the packaged default).",
     )
     p.add_argument("ref", metavar="NAME/VERSION", help="a version of this site's registry")
     p.add_argument("--members", required=True, type=existing_dir, metavar="DIR",
-                   help="the training corpus")
+                   help="the training corpus (the --out of `data seal`)")
     p.add_argument("--nonmembers", required=True, type=existing_dir, metavar="DIR",
-                   help="a corpus of non-members (or the training corpus again)")
+                   help="the corpus whose reserve the site sealed (the DIR of `data seal`)")
     p.add_argument("--policy", type=existing_file, metavar="FILE",
                    help="policy TOML (default: the packaged passerelle-default)")
     p.add_argument("--reference-models", type=int_range(1, 256), metavar="N",
-                   help="number of reference models, 1 to 256 (default: the policy's)")
+                   help="raise the policy's number of reference models (default: the "
+                   "policy's; never fewer; at most 64; recorded with the verdict)")
     add_out(p, "dir", "where the JSON report and ROC plot go (default: "
             "HOME/audits/NAME-vVERSION-<time>)", required=False)
-    p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1")
+    p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1 (default 0)")
 
 
 def _add_export(group: Subparsers) -> None:
@@ -237,16 +242,13 @@ def register(args: argparse.Namespace) -> int:
 def audit(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
     policy = load_policy(args.policy)
-    if args.reference_models:
-        policy = replace(policy, attacks=replace(policy.attacks,
-                                                 reference_models=args.reference_models))
     if args.out is not None:
         check_out_dir(args.out)
     home = home_of(args, writes=True)
     out = args.out or home / "audits" / f"{ref.name}-v{ref.version}-{datetime.now():%Y%m%d-%H%M%S}"
     with output_dir(out), progress_bar(args) as progress:
         result = steps.audit_model(ModelStore(home), ref, args.members, args.nonmembers, policy,
-                                   out, progress, args.seed)
+                                   out, progress, args.seed, args.reference_models)
     doc = report_json(result) | {"report_dir": str(out)}
 
     def human() -> None:
@@ -267,8 +269,13 @@ def audit(args: argparse.Namespace) -> int:
         console.print(f"scan: {result.scan.counts() or 'no findings'}")
         for c in result.failed:
             console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")
+        s = result.split
+        console.print(f"top-1: training {s.train_top1:.1%}, declared held-out "
+                      f"{s.heldout_top1:.1%}, sealed reserve {s.reserve_top1:.1%}")
+        pinned = "" if result.policy_pinned else (
+            " - NOT the site's pinned policy: this verdict opens no gate")
         console.print(f"verdict: {result.verdict} under policy {result.policy_name} "
-                      f"({result.policy_digest}); report in {out}")
+                      f"({result.policy_digest}){pinned}; report in {out}")
 
     emit(args, doc, human)
     return 0 if result.verdict == "PASS" else 1

@@ -30,13 +30,18 @@ from passerelle.corpus.sites import PROFILES, SiteProfile
 from passerelle.errors import CorpusError
 from registry.identifiers import is_valid_nir, name_lists, nir_key
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 
-#: Canary sentence; ``{secret}`` is replaced by CANARY_LENGTH digits written as one code.
-CANARY_TEMPLATE = "Code d'accès du dossier : {secret}"
-CANARY_ALPHABET = "0123456789"
-CANARY_LENGTH = 9
-CANARY_SEPARATOR = ""
+#: Canary sentence; ``{secret}`` is replaced by CANARY_LENGTH words of CANARY_ALPHABET.
+#: The words are ordinary clinical words that every site's letters use for many
+#: patients, so a vocabulary with a patient floor keeps them and a model can memorise
+#: the combination (a secret out of the vocabulary could never be exposed). 16 words,
+#: 6 drawn with repetition: 16**6 = 16.8 million secrets, 24 bits.
+CANARY_TEMPLATE = "Mention de contrôle du dossier : {secret}."
+CANARY_ALPHABET = ("ancienne années bilan brutale droit droite externe modérée normal notion "
+                   "précision repos score supérieur élevé élevée")
+CANARY_LENGTH = 6
+CANARY_SEPARATOR = " "
 
 #: Probability of 1, 2, ... 6 stays for a (non-canary) patient.
 STAYS_PER_PATIENT_WEIGHTS: tuple[float, ...] = (0.55, 0.24, 0.11, 0.05, 0.03, 0.02)
@@ -526,7 +531,7 @@ def generate(
     crng = derived_rng(site, seed, "canaries")
     canary_slots: list[tuple[int, int]] = []  # (position among regular patients, canary index)
     for j in range(canaries):
-        symbols = [crng.choice(CANARY_ALPHABET) for _ in range(CANARY_LENGTH)]
+        symbols = [crng.choice(CANARY_ALPHABET.split()) for _ in range(CANARY_LENGTH)]
         canary_secret = CANARY_SEPARATOR.join(symbols)
         rng = derived_rng(site, seed, f"canary/{j}")
         person, plans = _plan_patient(ctx, rng, canary_repetitions, used_nir, used_ipp)

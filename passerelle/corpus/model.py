@@ -97,7 +97,9 @@ class Canary:
     """A planted secret: ``template.format(secret=secret)`` appears in each listed stay.
 
     ``secret`` is the exact substituted string: ``length`` symbols drawn from
-    ``alphabet``, joined by ``separator``.
+    ``alphabet``, joined by ``separator``. The alphabet is a string of one-character
+    symbols, or, when it holds spaces, a space-separated list of words (the generator's
+    canaries are words a vocabulary keeps, so that a model can memorise them).
     """
 
     canary_id: str
@@ -108,6 +110,11 @@ class Canary:
     alphabet: str
     length: int
     separator: str = ""
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The alphabet's symbols: its words when it holds spaces, else its characters."""
+        return tuple(self.alphabet.split()) if " " in self.alphabet else tuple(self.alphabet)
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to ``canaries.jsonl``."""

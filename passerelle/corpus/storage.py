@@ -419,7 +419,7 @@ def _parse_canary(where: str, obj: dict[str, Any], stays: dict[str, Stay]) -> Ca
     if "{secret}" not in canary.template:
         _fail(where, "template has no {secret} placeholder")
     symbols = canary.secret.split(canary.separator) if canary.separator else list(canary.secret)
-    if len(symbols) != length or not all(len(s) == 1 and s in canary.alphabet for s in symbols):
+    if len(symbols) != length or not all(s in canary.symbols for s in symbols):
         _fail(where, "secret does not have the declared length and alphabet")
     sentence = canary.template.format(secret=canary.secret)
     for stay_id in stay_ids:

@@ -21,7 +21,17 @@ member".
   offline: Pr(x) is approximated from OUT models as ((1 + a)/2) * mean_out p(x) +
   (1 - a)/2 (their offline scaling, a in [0, 1]); the likelihood ratio of x,
   p(x|theta) / Pr(x), is compared with that of population samples z; the score is
-  the share of z that x dominates by a factor gamma.
+  the share of z that x dominates by a factor gamma. Population samples are scored
+  exactly like x: they are OUT for every reference model (never in any training set),
+  and Pr(z) gets the same offline scaling (as Privacy Meter's ``run_rmia`` does). ``a``
+  is tuned as Privacy Meter's ``tune_offline_a`` does (:func:`tune_rmia_a`): attack one
+  reference model with the others, keep the ``a`` of the grid 0, 0.1, ..., 1 with the
+  highest AUC.
+
+Per patient (:func:`aggregate_by_unit`), the LiRA statistics are summed over the
+patient's stays (the joint likelihood-ratio test of independent observations: the
+log-likelihood ratios add up); loss and RMIA scores, which are not log-likelihood
+ratios, are averaged.
 """
 
 from __future__ import annotations
@@ -115,25 +125,64 @@ def rmia_offline(
     if (out_count == 0).any():
         raise ValueError("every example needs at least one OUT reference model")
     p_out = np.where(~m, r, 0.0).sum(axis=0) / out_count
-    pr_x = (1.0 + a) / 2.0 * p_out + (1.0 - a) / 2.0
-    pr_z = zr.mean(axis=0)  # population samples: every reference model is OUT-like
-    ratio_x = np.maximum(t, _P_CLIP) / np.maximum(pr_x, _P_CLIP)
-    ratio_z = np.sort(np.maximum(zt, _P_CLIP) / np.maximum(pr_z, _P_CLIP))
+    ratio_x = np.maximum(t, _P_CLIP) / _offline_pr(p_out, a)
+    # Population samples are OUT for every reference model: the same estimate of Pr(.)
+    ratio_z = np.sort(np.maximum(zt, _P_CLIP) / _offline_pr(zr.mean(axis=0), a))
     # share of z with ratio_x / ratio_z > gamma, i.e. ratio_z < ratio_x / gamma
     dominated = np.searchsorted(ratio_z, ratio_x / gamma, side="left")
     return np.asarray(dominated / ratio_z.size, dtype=np.float64)
 
 
-def aggregate_by_unit(scores: npt.ArrayLike, units: Sequence[str]) -> tuple[list[str], FloatArray]:
-    """One score per privacy unit (patient): the mean of its examples' scores.
+def _offline_pr(p_out: FloatArray, a: float) -> FloatArray:
+    """RMIA's offline approximation of Pr(x) from the mean OUT probability."""
+    return np.maximum((1.0 + a) / 2.0 * p_out + (1.0 - a) / 2.0, _P_CLIP)
+
+
+RMIA_A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def tune_rmia_a(ref_p: npt.ArrayLike, in_mask: npt.ArrayLike, population_ref_p: npt.ArrayLike,
+                grid: Sequence[float] = RMIA_A_GRID) -> float:
+    """Privacy Meter's ``tune_offline_a``: the ``a`` that best attacks a reference model.
+
+    Reference model 0 plays the target, the others are its references; its known
+    membership gives an AUC for each ``a`` of the grid; the first best one is kept.
+    Examples with no OUT model among the others are left out of the tuning.
+    """
+    from registry.audit.metrics import auc, roc_curve
+
+    r = np.asarray(ref_p, dtype=np.float64)
+    m = np.asarray(in_mask, dtype=bool)
+    zr = np.asarray(population_ref_p, dtype=np.float64)
+    if r.shape[0] < 2 or r.shape != m.shape or zr.shape[0] != r.shape[0]:
+        raise ValueError("tuning needs at least two reference models and matching shapes")
+    usable = (~m[1:]).any(axis=0)
+    pseudo_in = m[0, usable]
+    if pseudo_in.all() or not pseudo_in.any():
+        return float(grid[0])
+    best_a, best_auc = float(grid[0]), -1.0
+    for a in grid:
+        s = rmia_offline(r[0, usable], r[1:, usable], m[1:, usable], zr[0], zr[1:], a)
+        value = auc(roc_curve(s[pseudo_in], s[~pseudo_in]))
+        if value > best_auc:
+            best_a, best_auc = float(a), value
+    return best_a
+
+
+def aggregate_by_unit(scores: npt.ArrayLike, units: Sequence[str],
+                      how: str = "mean") -> tuple[list[str], FloatArray]:
+    """One score per privacy unit (patient): the mean or the sum of its examples' scores.
 
     With the patient as the privacy unit the question is "was this patient in the
-    training set", asked once per patient, not once per stay.
+    training set", asked once per patient, not once per stay. ``how="sum"`` is the joint
+    test for scores that are log-likelihood ratios of independent stays (LiRA).
     """
+    if how not in ("mean", "sum"):
+        raise ValueError("how must be 'mean' or 'sum'")
     s = np.asarray(scores, dtype=np.float64)
     if s.shape[0] != len(units):
         raise ValueError("one unit id per score is needed")
     names, inverse = np.unique(np.asarray(units), return_inverse=True)
     sums = np.bincount(inverse, weights=s)
-    counts = np.bincount(inverse)
+    counts = np.bincount(inverse) if how == "mean" else np.ones(len(names))
     return [str(u) for u in names], np.asarray(sums / counts, dtype=np.float64)

@@ -2,26 +2,36 @@
 
 Steps (``audit_version``):
 
-1. the policy, the members corpus (must be the training corpus: same fingerprint as
-   the version's provenance) and the non-members (the training corpus's held-out
-   patients when ``--nonmembers`` is that same corpus, else another corpus of the same
-   site sharing no patient or stay with the members);
-2. the shippable ONNX directory (registry.export.shippable: converted and logged with
-   a parity check if that has not been done yet);
-3. reference models: the model's own recipe trained on random halves, by patient, of
-   the audit pool (members and non-members), so each example is IN for about half;
-4. p(true code) of every pool stay under the ONNX model and every reference model;
-5. the four attacks, per patient when the privacy unit is the patient; metrics;
-6. canary exposure for canaries whose patient was in the training split;
-7. the identifier scan of the shippable directory;
-8. the verdict under the policy: PASS only if every criterion holds.
+1. the policy and the corpora: ``members_dir`` must be the training corpus (same
+   fingerprint as the version's provenance) and ``sealed_dir`` the corpus the site
+   sealed it from (registry.audit.reserve): the reserve is drawn again with the site's
+   key and checked against its commitment in the ledger;
+2. the declared split must reproduce: the training and held-out patients rebuilt from
+   the recipe's seed and fraction have the counts the model directory records, and its
+   parity inputs are the encoding of the first rebuilt held-out stays;
+3. non-members: the sealed reserve and the declared held-out patients; a share of the
+   reserve (``population_share``) is set aside as RMIA's population, scored by no
+   attack and trained on by no reference model;
+4. the shippable ONNX directory (registry.export.shippable);
+5. reference models: the model's recipe (registry.audit.recipe) on random halves, by
+   patient, of the audit pool, each for as many gradient steps as the target took;
+6. p(true code) of every pool and population stay under the ONNX model and every
+   reference model; top-1 accuracy on training, held-out and reserve patients;
+7. the four attacks, per patient when the privacy unit is the patient (LiRA summed over
+   the patient's stays, the others averaged); metrics;
+8. canary exposure for canaries whose patient was in the training split;
+9. the identifier scan of the shippable directory;
+10. the verdict under the policy: PASS only if every criterion holds, including that
+    the declared held-out patients are fitted no better than the sealed reserve (a
+    model trained on them is refused) and the reserve no better than them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,22 +47,27 @@ from registry.audit.attacks import (
     lira_online,
     loss_threshold_scores,
     rmia_offline,
+    tune_rmia_a,
 )
 from registry.audit.canary import Exposure, canary_exposure
 from registry.audit.metrics import AttackMetrics, evaluate_attack, roc_curve
 from registry.audit.plots import plot_roc
-from registry.audit.policy import Policy
+from registry.audit.policy import MAX_REFERENCE_MODELS, Policy
+from registry.audit.recipe import CoderRecipe, Recipe
+from registry.audit.reserve import Reserve, open_reserve
 from registry.audit.scan import ScanReport, scan_export_dir
-from registry.audit.scoring import OnnxScorer, coder_probabilities, true_label_probability
-from registry.coder import CoderConfig, Examples, fit_coder, split_by_patient
+from registry.audit.scoring import OnnxScorer, true_label_probability
+from registry.coder import N_PARITY_INPUTS, CoderConfig, Examples, split_by_patient
 from registry.export import fetch_model_dir, shippable
+from registry.model_dir import PARITY_INPUTS, VOCABULARY, ModelDir
 from registry.store import TAG, ModelStore, VersionRef
 from registry.tracking import audit_metrics
-from registry.vocabulary import count_tokens, select_text
+from registry.vocabulary import Vocabulary, count_tokens, select_text
 
 Progress = Callable[[str, int, int], None]
 REPORT_FILE = "audit-report.json"
 ROC_FILE = "roc.png"
+_SUMMED = ("lira-online", "lira-offline")  # log-likelihood ratios: the joint test sums them
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -66,6 +81,42 @@ class Criterion:
 
 
 @dataclass(frozen=True)
+class SplitCheck:
+    """Top-1 accuracy of the shipped model on each side of the split, in patients' stays,
+    and the z statistics comparing the two non-member sides (held-out and reserve)."""
+
+    train_top1: float
+    train_stays: int
+    heldout_top1: float
+    heldout_stays: int
+    reserve_top1: float
+    reserve_stays: int
+    reserve_patients: int
+    population_patients: int
+    heldout_above_reserve_z: float
+    reserve_above_heldout_z: float
+
+
+def _cluster_variance(hits: FloatArray, patients: Sequence[str]) -> tuple[float, float]:
+    """(mean, variance of the mean) of stay hits, robust to correlation within a patient
+    (a patient's stays share a case mix: they are one sample, not independent ones)."""
+    if len(hits) == 0:
+        return 0.0, 0.0
+    mean = float(hits.mean())
+    _, inverse = np.unique(np.asarray(patients), return_inverse=True)
+    residual = np.bincount(inverse, weights=hits - mean)
+    return mean, float((residual**2).sum()) / len(hits) ** 2
+
+
+def _z(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """z statistic of mean a > mean b (independent samples, cluster-robust variances)."""
+    se = math.sqrt(a[1] + b[1])
+    if se == 0:
+        return 0.0 if a[0] == b[0] else math.copysign(1e6, a[0] - b[0])
+    return (a[0] - b[0]) / se
+
+
+@dataclass(frozen=True)
 class AuditResult:
     ref: VersionRef
     verdict: str  # "PASS" or "FAIL"
@@ -73,10 +124,16 @@ class AuditResult:
     onnx_digest: str
     policy_name: str
     policy_digest: str
+    policy_pinned: bool  # the site's pinned policy (audit.policy_sha256): the gate's only
+    pinned_digest: str
     privacy_unit: str
     members: int
     nonmembers: int
     reference_models: int
+    target_steps: int | None
+    reference_epochs: int | None
+    rmia_a: float
+    split: SplitCheck
     attacks: dict[str, AttackMetrics]
     canaries: tuple[Exposure, ...]
     canaries_held_out: int
@@ -96,21 +153,64 @@ def _examples(corpus: Corpus, idx: Sequence[int] | None = None) -> Examples:
                     patient_ids=tuple(s.patient_id for s in stays), site=corpus.site)
 
 
-def _concat(a: Examples, b: Examples) -> Examples:
-    return Examples(sections=a.sections + b.sections, codes=a.codes + b.codes,
-                    patient_ids=a.patient_ids + b.patient_ids, site=a.site)
+def _concat(*parts: Examples) -> Examples:
+    return Examples(sections=sum((p.sections for p in parts), ()),
+                    codes=sum((p.codes for p in parts), ()),
+                    patient_ids=sum((p.patient_ids for p in parts), ()), site=parts[0].site)
+
+
+def reference_model_count(policy: Policy, requested: int | None) -> int:
+    """The policy's number of reference models; a request may only raise it."""
+    count = policy.attacks.reference_models
+    if requested is None:
+        return count
+    if requested < count:
+        raise BadInput(f"--reference-models {requested} is below the policy's {count}: it "
+                       "can only raise the number of reference models")
+    if requested > MAX_REFERENCE_MODELS:
+        raise BadInput(f"--reference-models {requested} is above {MAX_REFERENCE_MODELS}")
+    return requested
+
+
+def check_declared_split(model_dir: ModelDir, train: Examples, held: Examples) -> None:
+    """The split recorded in the model directory must be the one rebuilt (else BadInput)."""
+    training = model_dir.metadata.training
+    rebuilt = {"train_stays": len(train), "train_patients": len(set(train.patient_ids)),
+               "heldout_stays": len(held), "heldout_patients": len(set(held.patient_ids))}
+    for key, value in rebuilt.items():
+        declared = training.get(key)
+        if declared != value:
+            raise BadInput(f"the declared split does not reproduce: the model directory "
+                           f"records {key} = {declared}, the recipe's seed and held-out "
+                           f"fraction give {value}")
+    vocab = Vocabulary.load(model_dir.path / VOCABULARY)
+    expected = vocab.encode([select_text(s, vocab.config.sections)
+                             for s in held.sections[:N_PARITY_INPUTS]])
+    try:
+        parity = np.load(model_dir.path / PARITY_INPUTS, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"the model directory's parity inputs cannot be read: {e}") from e
+    if parity.shape != expected.shape or not np.array_equal(parity, expected):
+        raise BadInput("the declared split does not reproduce: the parity inputs are not the "
+                       "encoding of the declared held-out stays")
 
 
 def audit_version(
-    store: ModelStore, ref: VersionRef, members_dir: Path, nonmembers_dir: Path,
+    store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
     policy: Policy, workdir: Path, progress: Progress | None = None, seed: int = 0,
+    reference_models: int | None = None, pinned_digest: str | None = None,
+    recipe: Recipe | None = None,
 ) -> AuditResult:
+    count = reference_model_count(policy, reference_models)
     info = store.get(ref)
     fingerprint = info.tags.get(TAG + "dataset_fingerprint")
-    if manifest_digest(members_dir) != fingerprint:
+    if not fingerprint or manifest_digest(members_dir) != fingerprint:
         raise BadInput(f"{members_dir} is not the corpus {ref} was trained on "
                        "(dataset fingerprints differ)")
+    reserve = open_reserve(store.home, fingerprint, sealed_dir)
     members_corpus = read_corpus(members_dir)
+    if {s.patient_id for s in members_corpus.stays} & reserve.patients:
+        raise BadInput(f"{members_dir} holds patients of the sealed reserve")
     model_dir = fetch_model_dir(store, info, workdir / "source")
     try:
         config = CoderConfig.from_json(model_dir.metadata.training["config"])
@@ -118,38 +218,50 @@ def audit_version(
         raise BadInput(f"{ref}: the training recipe cannot be read: {e}") from e
     everything = _examples(members_corpus)
     train_idx, held_idx = split_by_patient(everything, config.heldout_fraction, config.seed)
-    members = everything.subset(train_idx)
+    members, held = everything.subset(train_idx), everything.subset(held_idx)
+    check_declared_split(model_dir, members, held)
     member_stays = [members_corpus.stays[i] for i in train_idx]
-    if manifest_digest(nonmembers_dir) == fingerprint:
-        nonmembers = everything.subset(held_idx)
-    else:
-        other = read_corpus(nonmembers_dir)
-        _check_disjoint(members_corpus, train_idx, other)
-        nonmembers = _examples(other)
-    if len(members) == 0 or len(nonmembers) == 0:
-        raise BadInput("the member and non-member sets must both be non-empty")
+    reserve_ex, population = _reserve_parts(reserve, policy, seed)
+    if len(set(reserve_ex.patient_ids)) < policy.reserve.min_patients:
+        raise BadInput(f"the sealed reserve has {len(set(reserve_ex.patient_ids))} patients to "
+                       f"score (after the population share), below the policy's minimum "
+                       f"{policy.reserve.min_patients}: seal a larger fraction")
+    nonmembers = _concat(reserve_ex, held)
 
     export = shippable(store, ref, workdir / "onnx")
     pool = _concat(members, nonmembers)
     is_member = np.array([True] * len(members) + [False] * len(nonmembers))
     target = OnnxScorer(export.directory)
-    target_p = true_label_probability(target.probabilities(list(pool.sections)), target.codes,
-                                      pool.codes)
-    ref_p, in_mask = _reference_models(pool, config, policy.attacks.reference_models, seed,
-                                       progress)
-    population = np.flatnonzero(~is_member)
+
+    target_p, correct = _target_scores(target, pool)
+    target_z = _target_scores(target, population)[0]
+    maker: Recipe = recipe or CoderRecipe(config)
+    steps = maker.steps(len(members))
+    ref_p, ref_z, in_mask = _reference_models(pool, population, maker, steps, count,
+                                              config.seed, seed, progress)
+    rmia_a = tune_rmia_a(ref_p, in_mask, ref_z)
     scores = {
         "loss-threshold": loss_threshold_scores(target_p),
         "lira-online": lira_online(target_p, ref_p, in_mask),
         "lira-offline": lira_offline(target_p, ref_p, in_mask),
-        "rmia-offline": rmia_offline(target_p, ref_p, in_mask, target_p[population],
-                                     ref_p[:, population], policy.attacks.rmia_a,
+        "rmia-offline": rmia_offline(target_p, ref_p, in_mask, target_z, ref_z, rmia_a,
                                      policy.attacks.rmia_gamma),
     }
+    n_m, n_h = len(members), len(held)
+    held_stat = _cluster_variance(correct[len(pool) - n_h:], held.patient_ids)
+    reserve_stat = _cluster_variance(correct[n_m:len(pool) - n_h], reserve_ex.patient_ids)
+    split = SplitCheck(
+        train_top1=float(correct[:n_m].mean()), train_stays=n_m,
+        heldout_top1=held_stat[0], heldout_stays=n_h, reserve_top1=reserve_stat[0],
+        reserve_stays=len(reserve_ex), reserve_patients=len(set(reserve_ex.patient_ids)),
+        population_patients=len(set(population.patient_ids)),
+        heldout_above_reserve_z=_z(held_stat, reserve_stat),
+        reserve_above_heldout_z=_z(reserve_stat, held_stat))
     privacy_unit = info.tags.get(TAG + "privacy_unit", "patient")
     metrics, rocs = {}, {}
     for name, s in scores.items():
-        m_scores, n_scores = _by_unit(s, pool.patient_ids, is_member, privacy_unit)
+        m_scores, n_scores = _by_unit(s, pool.patient_ids, is_member, privacy_unit,
+                                      "sum" if name in _SUMMED else "mean")
         rocs[name] = roc_curve(m_scores, n_scores)
         metrics[name] = evaluate_attack(m_scores, n_scores, policy.membership.epsilon_delta,
                                         policy.membership.confidence)
@@ -159,16 +271,21 @@ def audit_version(
     train_texts = [select_text(s, target.vocabulary.config.sections) for s in members.sections]
     per_token = count_tokens(train_texts, list(members.patient_ids))[1]
     scan = scan_export_dir(export.directory, per_token, policy.scan.min_patients)
-    criteria = _criteria(policy, metrics, exposures, scan)
+    criteria = _criteria(policy, metrics, exposures, scan, split)
     report_dir = workdir / "audit"
     report_dir.mkdir(parents=True, exist_ok=True)
     plot_roc(rocs, report_dir / ROC_FILE, title=f"Membership inference on {ref} "
              f"({privacy_unit} level)")
+    pinned = pinned_digest or policy.digest
     result = AuditResult(
         ref=ref, verdict="PASS" if all(c.passed for c in criteria) else "FAIL",
         criteria=tuple(criteria), onnx_digest=export.onnx_digest, policy_name=policy.name,
-        policy_digest=policy.digest, privacy_unit=privacy_unit, members=units_m,
-        nonmembers=units_n, reference_models=policy.attacks.reference_models,
+        policy_digest=policy.digest, policy_pinned=policy.digest == pinned,
+        pinned_digest=pinned, privacy_unit=privacy_unit, members=units_m,
+        nonmembers=units_n, reference_models=count, target_steps=steps,
+        reference_epochs=(CoderRecipe(config).epochs_for(len(pool) // 2, steps)
+                          if isinstance(maker, CoderRecipe) else None),
+        rmia_a=rmia_a, split=split,
         attacks=metrics, canaries=tuple(exposures), canaries_held_out=held_out_canaries,
         scan=scan, report_dir=report_dir,
     )
@@ -178,28 +295,41 @@ def audit_version(
     return result
 
 
-def _check_disjoint(members_corpus: Corpus, train_idx: Sequence[int], other: Corpus) -> None:
-    if other.site != members_corpus.site:
-        raise BadInput(f"non-members come from site {other.site}, members from site "
-                       f"{members_corpus.site}: both must come from the training site")
-    member_patients = {members_corpus.stays[i].patient_id for i in train_idx}
-    member_stays = {members_corpus.stays[i].stay_id for i in train_idx}
-    shared_p = member_patients & {s.patient_id for s in other.stays}
-    shared_s = member_stays & {s.stay_id for s in other.stays}
-    if shared_p or shared_s:
-        raise BadInput(f"members and non-members overlap: {len(shared_p)} patients, "
-                       f"{len(shared_s)} stays in common")
+def _reserve_parts(reserve: Reserve, policy: Policy, seed: int) -> tuple[Examples, Examples]:
+    """(reserve patients scored as non-members, RMIA population), disjoint by patient."""
+    corpus = reserve.corpus
+    patients = sorted(reserve.patients)
+    rng = np.random.default_rng(seed + 31337)
+    n_pop = max(1, round(len(patients) * policy.reserve.population_share))
+    population = {patients[i] for i in rng.permutation(len(patients))[:n_pop]}
+    scored = [i for i, s in enumerate(corpus.stays) if s.patient_id in reserve.patients
+              and s.patient_id not in population]
+    pop = [i for i, s in enumerate(corpus.stays) if s.patient_id in population]
+    return _examples(corpus, scored), _examples(corpus, pop)
+
+
+def _target_scores(target: OnnxScorer, stays: Examples) -> tuple[FloatArray, FloatArray]:
+    """p(true code) and top-1 hit (1.0 / 0.0) of the shipped model on each stay."""
+    probs = target.probabilities(list(stays.sections))
+    index = {c: i for i, c in enumerate(target.codes)}
+    truth = np.array([index.get(c, -1) for c in stays.codes])
+    hit = (probs.argmax(axis=1) == truth).astype(np.float64) if len(stays) else np.zeros(0)
+    return true_label_probability(probs, target.codes, stays.codes), hit
 
 
 def _reference_models(
-    pool: Examples, config: CoderConfig, count: int, seed: int, progress: Progress | None
-) -> tuple[FloatArray, FloatArray]:
+    pool: Examples, population: Examples, recipe: Recipe, steps: int | None, count: int,
+    base_seed: int, seed: int, progress: Progress | None,
+) -> tuple[FloatArray, FloatArray, npt.NDArray[np.bool_]]:
+    """p(true code) of pool and population stays under ``count`` reference models.
+
+    Each pool patient is IN for half of the models (count even) or half +- 1 (count odd);
+    population patients are IN for none. Every model gets ``steps`` gradient steps."""
     patients = sorted(set(pool.patient_ids))
     rng = np.random.default_rng(seed + 7919)
     ref_p = np.zeros((count, len(pool)))
+    ref_z = np.zeros((count, len(population)))
     in_mask = np.zeros((count, len(pool)), dtype=bool)
-    # Balanced halves: each patient is IN for exactly half of the models (count even)
-    # or half +- 1 (count odd).
     assignment = np.zeros((count, len(patients)), dtype=bool)
     for j in range(len(patients)):
         assignment[rng.permutation(count)[: count // 2 + (j % 2) * (count % 2)], j] = True
@@ -208,23 +338,22 @@ def _reference_models(
     for k in range(count):
         in_mask[k] = assignment[k, column]
         half = pool.subset(np.flatnonzero(in_mask[k]).tolist())
-        coder = fit_coder(half, replace(config, seed=config.seed + k + 1))
-        probs = coder_probabilities(coder, list(pool.sections))
-        ref_p[k] = true_label_probability(probs, coder.codes, pool.codes)
+        scorer = recipe.fit(half, base_seed + k + 1, steps)
+        ref_p[k] = scorer(pool)
+        ref_z[k] = scorer(population)
         if progress:
             progress("reference models", k + 1, count)
-    return ref_p, in_mask
+    return ref_p, ref_z, in_mask
 
 
-def _by_unit(scores: FloatArray, units: Sequence[str], is_member: FloatArray,
-             privacy_unit: str) -> tuple[FloatArray, FloatArray]:
+def _by_unit(scores: FloatArray, units: Sequence[str], is_member: npt.NDArray[np.bool_],
+             privacy_unit: str, how: str = "mean") -> tuple[FloatArray, FloatArray]:
     if privacy_unit != "patient":
         return scores[is_member], scores[~is_member]
-    m_units, m_scores = aggregate_by_unit(scores[is_member],
-                                          [u for u, m in zip(units, is_member, strict=True) if m])
-    n_units, n_scores = aggregate_by_unit(scores[~is_member],
-                                          [u for u, m in zip(units, is_member, strict=True)
-                                           if not m])
+    m_units, m_scores = aggregate_by_unit(
+        scores[is_member], [u for u, m in zip(units, is_member, strict=True) if m], how)
+    n_units, n_scores = aggregate_by_unit(
+        scores[~is_member], [u for u, m in zip(units, is_member, strict=True) if not m], how)
     if set(m_units) & set(n_units):
         raise BadInput("a patient is both member and non-member")
     return m_scores, n_scores
@@ -249,9 +378,13 @@ def _canaries(corpus: Corpus, member_stays: Sequence[Any], target: OnnxScorer,
 
 
 def _criteria(policy: Policy, metrics: dict[str, AttackMetrics], exposures: Sequence[Exposure],
-              scan: ScanReport) -> list[Criterion]:
+              scan: ScanReport, split: SplitCheck) -> list[Criterion]:
     lim = policy.membership
-    out = []
+    z = policy.reserve.max_fit_z
+    out = [Criterion("split.heldout_fits_better_than_reserve_z", split.heldout_above_reserve_z,
+                     z, split.heldout_above_reserve_z <= z),
+           Criterion("split.reserve_fits_better_than_heldout_z", split.reserve_above_heldout_z,
+                     z, split.reserve_above_heldout_z <= z)]
     for name, m in metrics.items():
         for label, measured, limit in (
             ("auc", m.auc, lim.max_auc),
@@ -289,13 +422,26 @@ def report_json(result: AuditResult) -> dict[str, Any]:
         "verdict": result.verdict,
         "failed": [asdict(c) for c in result.failed],
         "criteria": [asdict(c) for c in result.criteria],
-        "policy": {"name": result.policy_name, "digest": result.policy_digest},
+        "policy": {"name": result.policy_name, "digest": result.policy_digest,
+                   "pinned": result.policy_pinned, "site_pinned_digest": result.pinned_digest},
         "privacy_unit": result.privacy_unit,
         "membership_question": ("was this patient in the training set" if
                                 result.privacy_unit == "patient" else
                                 "was this stay in the training set"),
         "members": result.members, "nonmembers": result.nonmembers,
         "reference_models": result.reference_models,
+        "target_steps": result.target_steps, "reference_epochs": result.reference_epochs,
+        "rmia_a": result.rmia_a,
+        "split": asdict(result.split) | {
+            "heldout_fits_better_than_reserve_z": result.split.heldout_above_reserve_z,
+            "reserve_fits_better_than_heldout_z": result.split.reserve_above_heldout_z,
+            "z_variance": "cluster-robust by patient (a patient's stays are not "
+                          "independent)"},
+        "nonmember_sources": "the sealed reserve (data seal) and the declared held-out "
+                             "patients; RMIA's population is a share of the reserve that no "
+                             "attack scores and no reference model trains on",
+        "patient_statistic": "LiRA: sum of the stays' log-likelihood ratios (joint test); "
+                             "loss and RMIA: mean over the patient's stays",
         "attacks": {k: attack(v) for k, v in result.attacks.items()},
         "lira_offline_variant": "one-sided test of the paper (section 5.2), not the "
                                 "density ratio of the authors' code",
@@ -314,12 +460,19 @@ def report_json(result: AuditResult) -> dict[str, Any]:
 
 def log_audit(store: ModelStore, result: AuditResult) -> None:
     """Verdict, figures and policy digest as version tags; report, plot, policy as artifacts."""
+    from transfer.acts import has_ledger
+    from transfer.identity import public_identity
+
     info = store.get(result.ref)
+    site = public_identity(store.home).site if has_ledger(store.home) else "this site"
     tags = {
+        TAG + "audit.status": f"audited at {site}",
         TAG + "audit.verdict": result.verdict,
         TAG + "audit.onnx_digest": result.onnx_digest,
         TAG + "audit.policy": result.policy_name,
         TAG + "audit.policy_digest": result.policy_digest,
+        TAG + "audit.policy_pinned": "true" if result.policy_pinned else "false",
+        TAG + "audit.reference_models": str(result.reference_models),
         TAG + "audit.time": result.created,
         TAG + "audit.failed": ",".join(c.name for c in result.failed)[:4000] or "none",
     }

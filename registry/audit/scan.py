@@ -1,14 +1,21 @@
 """A scan of everything shipped beside the weights for direct identifiers.
 
-What is scanned, in an export directory (registry.export.SHIPPED_FILES):
+What is scanned: every file of the export directory (registry.export.SHIPPED_FILES and
+anything else found there):
 
-* ``vocabulary.json``: every token (identifier-shaped tokens: NIR, long digit runs,
-  years, e-mails, known first and last names) and, when the training corpus is given,
-  every token seen for fewer than ``k`` distinct patients;
-* ``model_card.json`` and ``labels.json``: every string value;
-* ``model.onnx`` (parsed with ``load_external_data=False``, never executed): metadata
-  properties, producer, model/graph/node doc strings, and the names of the graph,
-  its inputs, outputs, nodes and initializers.
+* every ``.json`` file: every key and every string value, at any depth; in
+  ``vocabulary.json`` the ``tokens`` list is read token by token (identifier-shaped
+  tokens: NIR, long digit runs spaced or not, dates, years, e-mails, first and last
+  names of two independent lists, case and accents ignored) and, when the training
+  corpus is given, every token seen for fewer than ``k`` distinct patients;
+* ``model.onnx`` (parsed with ``load_external_data=False``, never executed): producer
+  name and version, domain, doc strings, metadata keys and values, opset domains; in
+  the graph and every subgraph (and model-local functions): the names of the graph,
+  its inputs, outputs, value_info, initializers and nodes, every edge name, every
+  attribute's name and string values, and every string tensor (initializers and
+  attribute tensors: skl2onnx's TfIdfVectorizer and Keras StringLookup keep their
+  vocabularies there), the latter read token by token like ``vocabulary.json``;
+* any other file, as UTF-8 text.
 
 Findings name the file, the place and the kind; the value itself is redacted (two
 characters and a length), so the report does not spread what it found.
@@ -73,25 +80,45 @@ def scan_export_dir(
     findings: list[ScanFinding] = []
     scanned: dict[str, int] = {}
     tokens = _vocabulary_tokens(directory / "vocabulary.json")
-    scanned["vocabulary.json"] = len(tokens)
     for index, token in enumerate(tokens):
-        kind = identifier_kind_of_token(token)
-        if kind is not None:
-            findings.append(ScanFinding(FindingKind(kind.value), "vocabulary.json",
-                                        f"token #{index}", redact(token)))
+        finding = _token_finding("vocabulary.json", f"tokens[{index}]", token)
+        if finding is not None:
+            findings.append(finding)
         elif patients_per_token is not None and index >= 2 and \
                 patients_per_token.get(token, 0) < min_patients:
             findings.append(ScanFinding(FindingKind.RARE_TOKEN, "vocabulary.json",
-                                        f"token #{index}", redact(token)))
-    for name in ("model_card.json", "labels.json"):
-        strings = list(_json_strings(_read_json(directory / name)))
-        scanned[name] = len(strings)
-        findings += _scan_strings(name, strings)
-    strings = list(_onnx_strings(directory / "model.onnx"))
-    scanned["model.onnx"] = len(strings)
-    findings += _scan_strings("model.onnx", strings)
+                                        f"tokens[{index}]", redact(token)))
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = str(path.relative_to(directory))
+        if path.suffix == ".onnx":
+            texts, token_like = _onnx_strings(path)
+            findings += _scan_strings(name, texts)
+            findings += [f for where, t in token_like
+                         if (f := _token_finding(name, where, t)) is not None]
+            scanned[name] = len(texts) + len(token_like)
+        elif path.suffix == ".json":
+            doc = _read_json(path)
+            if name == "vocabulary.json" and isinstance(doc, dict):
+                doc = {k: v for k, v in doc.items() if k != "tokens"}  # read above
+            strings = list(_json_strings(doc))
+            findings += _scan_strings(name, strings)
+            findings += [f for where, t in strings if where.endswith("(key)")
+                         and (f := _token_finding(name, where, t)) is not None
+                         and not _scan_strings(name, [(where, t)])]
+            scanned[name] = len(strings) + (len(tokens) if name == "vocabulary.json" else 0)
+        else:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            findings += _scan_strings(name, [("text", text)])
+            scanned[name] = 1
     return ScanReport(findings=tuple(findings), scanned=scanned,
                       min_patients=min_patients if patients_per_token is not None else None)
+
+
+def _token_finding(file: str, where: str, token: str) -> ScanFinding | None:
+    kind = identifier_kind_of_token(token)
+    if kind is None:
+        return None
+    return ScanFinding(FindingKind(kind.value), file, where, redact(token))
 
 
 def _scan_strings(file: str, strings: Iterable[tuple[str, str]]) -> list[ScanFinding]:
@@ -129,23 +156,82 @@ def _json_strings(doc: Any, where: str = "$") -> Iterator[tuple[str, str]]:
             yield from _json_strings(value, f"{where}[{i}]")
 
 
-def _onnx_strings(path: Path) -> Iterator[tuple[str, str]]:
+def _onnx_strings(path: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(text strings, token-like strings) of every place in the ONNX file."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, OSError, ValueError...
         raise BadInput(f"{path}: not a readable ONNX model: {e}") from e
-    yield "producer_name", model.producer_name
-    yield "doc_string", model.doc_string
+    texts: list[tuple[str, str]] = []
+    tokens: list[tuple[str, str]] = []
+    for where, value in (("producer_name", model.producer_name),
+                         ("producer_version", model.producer_version),
+                         ("domain", model.domain), ("doc_string", model.doc_string)):
+        texts.append((where, value))
+    tokens.append(("domain", model.domain))  # a dotted name: read part by part too
     for prop in model.metadata_props:
-        yield f"metadata[{prop.key}] (key)", prop.key
-        yield f"metadata[{prop.key}]", prop.value
-    graph = model.graph
-    yield "graph.name", graph.name
-    yield "graph.doc_string", graph.doc_string
+        texts += [(f"metadata[{prop.key}] (key)", prop.key), (f"metadata[{prop.key}]",
+                                                              prop.value)]
+    for i, opset in enumerate(model.opset_import):
+        texts.append((f"opset_import[{i}].domain", opset.domain))
+        tokens.append((f"opset_import[{i}].domain", opset.domain))
+    _graph_strings(model.graph, "graph", texts, tokens)
+    for i, function in enumerate(model.functions):
+        where = f"functions[{i}]"
+        texts += [(f"{where}.name", function.name), (f"{where}.domain", function.domain),
+                  (f"{where}.doc_string", function.doc_string)]
+        texts += [(f"{where}.input", n) for n in function.input]
+        texts += [(f"{where}.output", n) for n in function.output]
+        for j, node in enumerate(function.node):
+            _node_strings(node, f"{where}.node[{j}]", texts, tokens)
+    return [(w, t) for w, t in texts if t], [(w, t) for w, t in tokens if t]
+
+
+def _tensor_strings(tensor: onnx.TensorProto, where: str, texts: list[tuple[str, str]],
+                    tokens: list[tuple[str, str]]) -> None:
+    texts += [(f"{where}.name", tensor.name), (f"{where}.doc_string", tensor.doc_string)]
+    for i, raw in enumerate(tensor.string_data):
+        tokens.append((f"{where}.string_data[{i}]", raw.decode("utf-8", errors="replace")))
+
+
+def _node_strings(node: onnx.NodeProto, where: str, texts: list[tuple[str, str]],
+                  tokens: list[tuple[str, str]]) -> None:
+    texts += [(f"{where}.name", node.name), (f"{where}.doc_string", node.doc_string),
+              (f"{where}.domain", node.domain), (f"{where}.op_type", node.op_type)]
+    tokens.append((f"{where}.domain", node.domain))
+    texts += [(f"{where}.input[{i}]", n) for i, n in enumerate(node.input)]
+    texts += [(f"{where}.output[{i}]", n) for i, n in enumerate(node.output)]
+    for attr in node.attribute:
+        at = f"{where}.attribute[{attr.name}]"
+        texts += [(f"{at} (name)", attr.name), (f"{at}.doc_string", attr.doc_string),
+                  (f"{at}.ref_attr_name", attr.ref_attr_name)]
+        if attr.s:
+            tokens.append((f"{at}.s", attr.s.decode("utf-8", errors="replace")))
+        for i, raw in enumerate(attr.strings):
+            tokens.append((f"{at}.strings[{i}]", raw.decode("utf-8", errors="replace")))
+        if attr.HasField("t"):
+            _tensor_strings(attr.t, f"{at}.t", texts, tokens)
+        for i, t in enumerate(attr.tensors):
+            _tensor_strings(t, f"{at}.tensors[{i}]", texts, tokens)
+        if attr.HasField("g"):
+            _graph_strings(attr.g, f"{at}.g", texts, tokens)
+        for i, g in enumerate(attr.graphs):
+            _graph_strings(g, f"{at}.graphs[{i}]", texts, tokens)
+
+
+def _graph_strings(graph: onnx.GraphProto, where: str, texts: list[tuple[str, str]],
+                   tokens: list[tuple[str, str]]) -> None:
+    texts += [(f"{where}.name", graph.name), (f"{where}.doc_string", graph.doc_string)]
     for kind, items in (("input", graph.input), ("output", graph.output),
-                        ("initializer", graph.initializer)):
+                        ("value_info", graph.value_info)):
         for i, item in enumerate(items):
-            yield f"graph.{kind}[{i}].name", item.name
+            texts += [(f"{where}.{kind}[{i}].name", item.name),
+                      (f"{where}.{kind}[{i}].doc_string", item.doc_string)]
+            denotation = item.type.denotation
+            texts.append((f"{where}.{kind}[{i}].type.denotation", denotation))
+    for i, tensor in enumerate(graph.initializer):
+        _tensor_strings(tensor, f"{where}.initializer[{i}]", texts, tokens)
+    for i, sparse in enumerate(graph.sparse_initializer):
+        _tensor_strings(sparse.values, f"{where}.sparse_initializer[{i}]", texts, tokens)
     for i, node in enumerate(graph.node):
-        yield f"graph.node[{i}].name", node.name
-        yield f"graph.node[{i}].doc_string", node.doc_string
+        _node_strings(node, f"{where}.node[{i}]", texts, tokens)
