@@ -125,6 +125,8 @@ GROUPS = {"data", "model", "site", "trust", "bundle", "records", "notice", "site
 
 COMMANDS = [
     Command("data generate --site Y --stays 30 --seed 1 --out {out}", home=False, out="dir"),
+    Command("data seal {ws}/corpus --fraction 0.2 --out {out}", writes_home=True, out="dir",
+            ledger=True),
     Command("model train --data {ws}/corpus --arch logreg --out {out}", home=False, out="dir"),
     Command("model register {ws}/model --name coder --purpose p --legal-basis b",
             writes_home=True, mlflow=True, ledger=True),
