@@ -366,6 +366,7 @@ def test_dossier_in_french_as_pdf_answers_the_regulators_questions(
     assert "RGPD art. 6(1)(e) et 9(2)(h)" in flat and "L'audit a ÉCHOUÉ" in flat
     assert APPROVER in flat and "ne peut pas être regardé comme anonyme" in flat
     assert "aucun ε supérieur à" in flat  # the audit's limit, stated
+    assert re.search(r"AUC \S* ?0,\d{2,3}|\b0,\d{3}\b", flat), "French decimal comma"
     code, doc, err = _cli(capsys, "records", "verify-report", str(pdf), "--home", str(world.x))
     assert code == 0 and doc["statement"]["scope"] == f"model {MODEL}/1", err  # type: ignore[index]
     first = shots / "dossier-x-fr-page1"

@@ -107,3 +107,15 @@ def test_failed_and_interrupted_runs_are_red_and_the_budget_counts_them(tmp_path
                      r"</b></td><td>.*FAILED.*INTERRUPTED", summary, re.S)
     assert "spent ε = 3.5 of cap 10, remaining 6.5, at δ = 0.00003" in summary
     assert "ParityError: 3e-4 &gt; 1e-4" in page and "1.001" in page  # ε 1.00001 shown up
+
+
+def test_french_pages_write_a_decimal_comma_and_keep_the_rounding_direction() -> None:
+    from transfer.i18n import numbers_in
+
+    assert (up(2.9953155), down(4.33471), up_significant(1.23456e-5)) == \
+        ("2.996", "4.334", "0.0000124")
+    with numbers_in("fr"):
+        assert (up(2.9953155), down(4.33471), up_significant(1.23456e-5)) == \
+            ("2,996", "4,334", "0,0000124")
+        assert up(3) == "3"
+    assert up(2.9953155) == "2.996"  # only inside the French page

@@ -25,7 +25,7 @@ from passerelle.errors import BadInput
 from registry.store import TAG, ModelStore, VersionRef
 from transfer.evidence import AuditEvidence, DpRun, vocabulary_config
 from transfer.evidence_html import _dict, _list, audit_html, dp_table, scan_html
-from transfer.i18n import Lang, down, text, up, up_significant, when
+from transfer.i18n import Lang, down, numbers_in, text, up, up_significant, when
 from transfer.records import Record
 from transfer.report import Report, build_report, predicate_of, publish
 from transfer.report_html import code, dl, e, page, rec_link, records_section, table, verdict
@@ -206,6 +206,12 @@ def conclusion(d: Dossier, lang: Lang) -> list[str]:
 
 
 def render_dossier(d: Dossier, lang: Lang = "en") -> str:
+    """The dossier page, unsigned, with numbers written the way ``lang`` writes them."""
+    with numbers_in(lang):
+        return _render_dossier(d, lang)
+
+
+def _render_dossier(d: Dossier, lang: Lang) -> str:
     title = text(lang, "dossier_title", model=str(d.ref))
     verdict_line = ""
     if d.audit is not None and d.audit.doc is not None:

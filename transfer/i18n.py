@@ -12,6 +12,9 @@ Times are shown in UTC with the local time of the sites (Europe/Paris) beside th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any, Literal, get_args
@@ -418,7 +421,26 @@ def text(lang: Lang, key: str, **values: Any) -> str:
     return phrase.format(**values) if values else phrase
 
 
+_NUMBERS: ContextVar[Lang] = ContextVar("passerelle_number_language", default="en")
+
+
+@contextmanager
+def numbers_in(lang: Lang) -> Iterator[None]:
+    """Within: :func:`up`, :func:`down` and :func:`up_significant` write numbers the way
+    ``lang`` does (French: a decimal comma, ``4,334``)."""
+    token = _NUMBERS.set(lang)
+    try:
+        yield
+    finally:
+        _NUMBERS.reset(token)
+
+
 def _rounded(value: Any, digits: int, rounding: str, significant: bool = False) -> str:
+    written = _rounded_en(value, digits, rounding, significant)
+    return written.replace(".", ",") if _NUMBERS.get() == "fr" else written
+
+
+def _rounded_en(value: Any, digits: int, rounding: str, significant: bool = False) -> str:
     try:
         number = Decimal(repr(float(value)))  # the decimal the float stands for
     except (TypeError, ValueError, InvalidOperation):

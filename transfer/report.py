@@ -46,7 +46,7 @@ from transfer.evidence_html import (
 from transfer.evidence_html import (
     epsilon_curve_png as _epsilon_curve_png,
 )
-from transfer.i18n import Lang, down, parse_utc, text, up, up_significant, when
+from transfer.i18n import Lang, down, numbers_in, parse_utc, text, up, up_significant, when
 from transfer.identity import public_identity
 from transfer.ledger import Verification, read_export, verify_records
 from transfer.ledger_errors import LedgerBroken, PeerMismatch
@@ -509,11 +509,13 @@ def _dp_budget(report: Report, lang: Lang) -> str:
 def render_html(report: Report, lang: Lang = "en") -> str:
     """The page, unsigned: UTF-8 HTML, no external resource (a CSP forbids any fetch)."""
     title = text(lang, "site_title", site=report.site)
-    body = (f"<h1>{e(title)}</h1><p class='sub'>"
-            f"{e(text(lang, 'generated', time=when(report.generated)))}</p>"
-            + _integrity(report, lang) + _summary(report, lang) + _identity(report, lang)
-            + _trust(report, lang) + _transfers_out(report, lang) + _transfers_in(report, lang)
-            + _dp_budget(report, lang) + records_section(report.records, lang))
+    with numbers_in(lang):
+        body = (f"<h1>{e(title)}</h1><p class='sub'>"
+                f"{e(text(lang, 'generated', time=when(report.generated)))}</p>"
+                + _integrity(report, lang) + _summary(report, lang) + _identity(report, lang)
+                + _trust(report, lang) + _transfers_out(report, lang)
+                + _transfers_in(report, lang) + _dp_budget(report, lang)
+                + records_section(report.records, lang))
     return page(lang, title, body)
 
 
