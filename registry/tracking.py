@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MLMODEL = "MLmodel"
 
@@ -30,12 +30,75 @@ def _spec(name: str, dtype: Any, shape: tuple[int, ...]) -> Any:
     return TensorSpec(np.dtype(dtype), shape, name)
 
 
+def _varint(f: BinaryIO) -> int:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = f.read(1)
+        if not byte:
+            raise ValueError("truncated ONNX file")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+    raise ValueError("varint too long")
+
+
+def _fields(f: BinaryIO, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, offset of its bytes, length) of the length-delimited fields of the
+    message that ends at ``end``; every other field is skipped unread."""
+    while f.tell() < end:
+        key = _varint(f)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, 1)
+        elif wire == 2:
+            length = _varint(f)
+            start = f.tell()
+            if start + length > end:
+                raise ValueError("a field runs past its message")
+            yield field, start, length
+            f.seek(start + length)
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def _graph_io(path: Path) -> tuple[list[Any], list[Any], set[str]]:
+    """The graph's inputs, outputs and initializer names, read from the protobuf wire
+    format without decoding any weight: a 1 GiB model costs a few kB of memory (field
+    numbers from onnx.proto: ModelProto.graph 7; GraphProto.initializer 5, input 11,
+    output 12; TensorProto.name 8)."""
+    import onnx
+
+    inputs: list[Any] = []
+    outputs: list[Any] = []
+    initializers: set[str] = set()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        graph = next(((s, n) for field, s, n in _fields(f, size) if field == 7), None)
+        if graph is None:
+            raise ValueError("no graph")
+        f.seek(graph[0])
+        for field, start, length in list(_fields(f, graph[0] + graph[1])):
+            if field in (11, 12):
+                f.seek(start)
+                value = onnx.ValueInfoProto.FromString(f.read(length))
+                (inputs if field == 11 else outputs).append(value)
+            elif field == 5:
+                f.seek(start)
+                for sub, s, n in _fields(f, start + length):
+                    if sub == 8:
+                        f.seek(s)
+                        initializers.add(f.read(n).decode("utf-8", "replace"))
+    return inputs, outputs, initializers
+
+
 def _onnx_signature(path: Path) -> Any:
     import onnx
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema
 
-    proto = onnx.load(str(path), load_external_data=False)
+    graph_inputs, graph_outputs, initializers = _graph_io(path)
 
     def specs(values: Any) -> Any:
         out = []
@@ -45,9 +108,10 @@ def _onnx_signature(path: Path) -> Any:
             out.append(_spec(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), shape))
         return Schema(out)
 
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    return ModelSignature(inputs=specs(inputs), outputs=specs(proto.graph.output))
+    inputs = [i for i in graph_inputs if i.name not in initializers]
+    if not inputs or not graph_outputs:
+        return None  # MLflow's schema cannot say "no input"
+    return ModelSignature(inputs=specs(inputs), outputs=specs(graph_outputs))
 
 
 def _model_dir_signature(path: Path) -> Any:
