@@ -230,7 +230,7 @@ class ModelStore:
             name, title, model_dir, "onnx", dict(tags), {}, on_registered, metrics,
             run_tags={RECEIVE_TAG: f"{receiver} {name}"},
             model_tags={TAG + "received_from": sender, TAG + "source_model": source_model},
-            name_pattern=_RECEIVED_NAME)
+            name_pattern=_RECEIVED_NAME, link=True)
 
     def check_received_name(self, name: str, sender: str, source_model: str) -> None:
         """Refuse to put a received model under a name that holds something else."""
@@ -317,9 +317,15 @@ class ModelStore:
         run_tags: Mapping[str, str] | None = None,
         model_tags: Mapping[str, str] | None = None,
         name_pattern: re.Pattern[str] | None = None,
+        link: bool = False,
     ) -> VersionInfo:
         """One run holding ``local_dir`` under ``artifact_path`` (with an ``MLmodel`` file
-        giving its signature), one new version of ``name``."""
+        giving its signature), one new version of ``name``.
+
+        ``link``: hard-link the files into a local artifact store instead of copying them;
+        only for a folder inside the site's private home that nothing rewrites (a verified
+        received bundle's install). A vendor's model directory is always copied: a later
+        edit of it must not change what the registry holds."""
         from registry.tracking import log_signature
 
         if not (name_pattern or _NAME).match(name):
@@ -335,7 +341,7 @@ class ModelStore:
             with _store_errors(self.uri):
                 run = client.create_run(experiment, run_name=run_name, tags=dict(run_tags or {}))
                 run_id = run.info.run_id
-                _log_artifacts(client, run, local_dir, artifact_path)
+                _log_artifacts(client, run, local_dir, artifact_path, link)
                 log_signature(client, run_id, local_dir, artifact_path, run_name)
                 for key, value in params.items():
                     client.log_param(run_id, key, value)
@@ -434,13 +440,14 @@ class ModelStore:
         return sorted((str(v.version) for v in found), key=int)
 
 
-def _log_artifacts(client: Any, run: Any, local_dir: Path, artifact_path: str) -> None:
-    """``log_artifacts``, except into a local artifact folder on the same file system,
-    where the files are hard-linked (the same bytes, no second copy of a large model)."""
+def _log_artifacts(client: Any, run: Any, local_dir: Path, artifact_path: str,
+                   link: bool) -> None:
+    """``log_artifacts``; with ``link``, into a local artifact folder on the same file
+    system the files are hard-linked (the same bytes, no second copy of a large model)."""
     from urllib.parse import unquote, urlparse
 
     uri = urlparse(str(run.info.artifact_uri))
-    if uri.scheme == "file" and all(p.is_file() for p in local_dir.iterdir()):
+    if link and uri.scheme == "file" and all(p.is_file() for p in local_dir.iterdir()):
         target = Path(unquote(uri.path)) / artifact_path
         try:
             target.mkdir(parents=True, exist_ok=False)

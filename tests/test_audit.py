@@ -279,8 +279,11 @@ def test_seal_with_a_bad_fraction_writes_and_records_nothing(
 
     with open_ledger(site.home) as ledger:
         before = len(ledger.records())
-    code = main(["data", "seal", str(site.data), "--fraction", fraction, "--out",
-                 str(tmp_path / "t"), "--home", str(site.home)])
+    try:
+        code = main(["data", "seal", str(site.data), "--fraction", fraction, "--out",
+                     str(tmp_path / "t"), "--home", str(site.home)])
+    except SystemExit as e:  # refused by the option's type, before the command runs
+        code = int(e.code or 0)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert not (tmp_path / "t").exists()

@@ -85,3 +85,17 @@ def test_unreachable_tracking_server_is_one_line_error(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: model registry at http://127.0.0.1:9")
+
+
+def test_the_registry_keeps_its_own_copy_of_a_registered_model_directory(
+        home: Path, keras_model: steps.TrainReport, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(keras_model.out_dir, model)
+    store = ModelStore(home)
+    _register(store, model)
+    stored = sorted((home / "mlartifacts").rglob("model/labels.json"))
+    assert len(stored) == 1
+    before = stored[0].read_bytes()
+    (model / "labels.json").write_bytes(b"edited by hand after registration")
+    assert stored[0].read_bytes() == before  # a copy, not a hard link to the vendor's file
+    assert stored[0].stat().st_ino != (model / "labels.json").stat().st_ino
