@@ -212,13 +212,9 @@ def test_noise_has_the_analytic_standard_deviation() -> None:
 # ------------------------------------------------------------------ the command
 
 
-@pytest.fixture(scope="module")
-def received(tmp_path_factory: pytest.TempPathFactory,
-             keras_model: steps.TrainReport) -> tuple[Path, VersionRef]:
-    """Site Y's home with the exported coder registered as received."""
-    root = tmp_path_factory.mktemp("finetune")
+def _received_home(root: Path, model_dir: Path) -> tuple[Path, VersionRef]:
     x_store = ModelStore(root / "home-x")
-    info = steps.register_model(x_store, keras_model.out_dir, "pmsi-coder", "PMSI coding",
+    info = steps.register_model(x_store, model_dir, "pmsi-coder", "PMSI coding",
                                 "GDPR 6(1)(e)")
     steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
     home_y = root / "home-y"
@@ -229,6 +225,13 @@ def received(tmp_path_factory: pytest.TempPathFactory,
         {TAG + "source_model": "pmsi-coder", TAG + "source_version": "1",
          TAG + "bundle_digest": "sha256:" + "ab" * 32, TAG + "received_from": "CHU-X"})
     return home_y, version.ref
+
+
+@pytest.fixture(scope="module")
+def received(tmp_path_factory: pytest.TempPathFactory,
+             keras_model: steps.TrainReport) -> tuple[Path, VersionRef]:
+    """Site Y's home with the exported coder registered as received."""
+    return _received_home(tmp_path_factory.mktemp("finetune"), keras_model.out_dir)
 
 
 def _copy_home(home: Path, tmp_path: Path) -> Path:
@@ -312,11 +315,32 @@ def test_bad_privacy_parameters_are_refused(
 
 
 def test_unknown_codes_are_refused_by_default(
-        received: tuple[Path, VersionRef], corpus_y: Path, tmp_path: Path,
+        corpus_x: Path, corpus_y: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    home = _copy_home(received[0], tmp_path)
-    argv = ["finetune", str(received[1]), "--data", str(corpus_y), "--epsilon", "3"]
-    assert _refused(argv, home, capsys) == 2
+    import collections
+    import dataclasses
+
+    from passerelle.corpus.storage import read_corpus, write_corpus
+    from tests.conftest import small_config
+
+    # X's coder knows every code of the table at this size: train one on X without the
+    # code Y uses most, so that Y's data holds a code the model never saw.
+    x = read_corpus(corpus_x)
+    missing = collections.Counter(y.main_diagnosis
+                                  for y in read_corpus(corpus_y).stays).most_common(1)[0][0]
+    kept = tuple(s for s in x.stays if missing not in (s.main_diagnosis, s.true_diagnosis))
+    partial = tmp_path / "x-without-one-code"
+    write_corpus(dataclasses.replace(x, stays=kept, canaries=()), partial)
+    model = steps.train_model(partial, tmp_path / "model",
+                              dataclasses.replace(small_config(), epochs=1))
+    (tmp_path / "sites").mkdir()
+    home, ref = _received_home(tmp_path / "sites", model.out_dir)
+    argv = ["finetune", str(ref), "--data", str(corpus_y), "--epsilon", "3"]
+    before = _versions(home)
+    assert main([*argv, "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and missing in err and "--drop-unknown-codes" in err, err
+    assert _versions(home) == before
     assert _runs(home, RecordKind.FINETUNE_STARTED) == []
 
 
