@@ -25,7 +25,6 @@ from passerelle import steps
 from passerelle.cli import main
 from passerelle.corpus import read_corpus
 from passerelle.corpus.storage import write_corpus
-from registry.coder import Architecture
 from registry.export import run_onnx
 from registry.store import TAG, ModelStore, VersionRef
 from registry.vocabulary import Vocabulary, select_text
@@ -68,12 +67,18 @@ def _codes(export: Path) -> list[str]:
     return list(json.loads((export / "labels.json").read_text())["codes"])
 
 
-def _bag_of_words(export: Path, data: Path, codes: list[str]) -> tuple[Any, Any]:
+def _encoded(export: Path, data: Path, codes: list[str],
+             bag_of_words: bool = False) -> tuple[Any, Any]:
     vocab = Vocabulary.load(export / "vocabulary.json")
     index = {c: i for i, c in enumerate(codes)}
     stays = [s for s in read_corpus(data).stays if s.main_diagnosis in index]
     texts = [select_text(s.sections.as_dict(), vocab.config.sections) for s in stays]
-    return vocab.bag_of_words(texts), np.asarray([index[s.main_diagnosis] for s in stays])
+    x = vocab.bag_of_words(texts) if bag_of_words else vocab.encode(texts)
+    return x, np.asarray([index[s.main_diagnosis] for s in stays])
+
+
+def _bag_of_words(export: Path, data: Path, codes: list[str]) -> tuple[Any, Any]:
+    return _encoded(export, data, codes, bag_of_words=True)
 
 
 def _sklearn_export(export: Path, corpus_x: Path, estimator: Any, out: Path,
@@ -217,10 +222,9 @@ def without_two_codes(tmp_path_factory: pytest.TempPathFactory, corpus_x: Path,
                                       label_noise=other != s.true_diagnosis)
                   if s.main_diagnosis in new else s for s in x.stays)
     write_corpus(dataclasses.replace(x, stays=stays, canaries=()), root / "site-x")
-    report = steps.train_model(root / "site-x", root / "model", small_config(
-        Architecture.LOGREG))
+    report = steps.train_model(root / "site-x", root / "model", small_config())
     store = ModelStore(root / "home-x")
-    info = steps.register_model(store, report.out_dir, "pmsi-logreg", "PMSI coding",
+    info = steps.register_model(store, report.out_dir, "pmsi-coder", "PMSI coding",
                                 "GDPR 6(1)(e)")
     steps.export_model(store, info.ref, root / "export", TEST_OVERRIDE)
     assert not set(new) & set(_codes(root / "export"))
@@ -230,14 +234,14 @@ def without_two_codes(tmp_path_factory: pytest.TempPathFactory, corpus_x: Path,
 def test_added_codes_are_learnt_and_recorded(
         without_two_codes: tuple[Path, list[str]], corpus_y: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    logreg_export, new = without_two_codes
-    home, ref = _receive(logreg_export, tmp_path)
+    export, new = without_two_codes
+    home, ref = _receive(export, tmp_path, "pmsi-coder")
     file = tmp_path / "codes.txt"
     file.write_text("# public CIM-10 codes\n" + "\n".join(new) + "\n")
     code = main(["finetune", str(ref), "--data", str(corpus_y), "--drop-unknown-codes",
                  "--add-codes", str(file), "--home", str(home), "--epsilon", "8",
-                 "--delta", "1e-5", "--epochs", "30", "--batch-size", "64", "--clip", "0.2",
-                 "--learning-rate", "0.05", "--seed", "1", "--json"])
+                 "--delta", "1e-5", "--epochs", "20", "--batch-size", "64",
+                 "--learning-rate", "0.02", "--seed", "1", "--json"])
     assert code == 0, capsys.readouterr().err
     doc = json.loads(capsys.readouterr().out)
     assert doc["codes_added"] == new and doc["codes_file_digest"].startswith("sha256:")
@@ -251,14 +255,14 @@ def test_added_codes_are_learnt_and_recorded(
         assert fields["codes_added"] == new
         assert fields["codes_file_digest"] == doc["codes_file_digest"]
     out = store.download(info, "onnx", tmp_path / "dl")
-    old = _codes(logreg_export)
+    old = _codes(export)
     labels = json.loads((out / "labels.json").read_text())
     assert labels["codes"] == old + new
     assert [labels["labels"][c] for c in new] == [public_cim10()[c] for c in new]
     card = json.loads((out / "finetune_card.json").read_text())
     assert card["codes_added"] == new
     # the new version predicts the added codes for some of Y's stays
-    x, y = _bag_of_words(logreg_export, corpus_y, old + new)
+    x, y = _encoded(export, corpus_y, old + new)
     logits = run_onnx((out / "model.onnx").read_bytes(), x)
     assert logits.shape == (len(x), len(old) + 2)
     predicted = logits.argmax(axis=1)
@@ -304,3 +308,18 @@ def test_keras_output_layer_grows_with_old_columns_unchanged(
     bias = next(t for t in grown.graph.initializer if "logits/BiasAdd" in t.name)
     low = float(onnx.numpy_helper.to_array(bias)[:n].min())
     np.testing.assert_allclose(new[:, n:], low, atol=1e-6)  # zero weights, smallest bias
+
+
+def test_linear_classifier_grows_with_old_columns_unchanged(logreg_export: Path,
+                                                           corpus_y: Path) -> None:
+    proto = onnx.load(str(logreg_export / "model.onnx"), load_external_data=False)
+    n = len(_codes(logreg_export))
+    grown = extend_output(proto, n, 2)
+    x, _ = _bag_of_words(logreg_export, corpus_y, _codes(logreg_export))
+    old = run_onnx(proto.SerializeToString(), x[:16])
+    new = run_onnx(grown.SerializeToString(), x[:16])
+    assert new.shape == (16, n + 2)
+    np.testing.assert_array_equal(new[:, :n], old)
+    intercepts = next(a.floats for a in proto.graph.node[0].attribute
+                      if a.name == "intercepts")
+    np.testing.assert_allclose(new[:, n:], min(intercepts), atol=1e-6)
