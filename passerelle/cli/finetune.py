@@ -39,7 +39,11 @@ def add_to(sub: Subparsers) -> None:
         "delta rules and the allowed units are the site's policy (privacy.*, `passerelle\n"
         "site policy set`), never a flag; beyond the cap: exit 1. Held-out patients (a\n"
         "keyed hash of the patient id) measure accuracy before/after: they never train and\n"
-        "are not charged, so those figures are exact and outside the DP guarantee.",
+        "are not charged, so those figures are exact and outside the DP guarantee.\n"
+        "The stays are encoded as the model reads them (token ids or bag of words, from the\n"
+        "graph and its model card), so linear models (logreg, LinearSVC, SGDClassifier)\n"
+        "fine-tune too; tree ensembles are refused (gradient-based DP-SGD does not apply to\n"
+        "them). --add-codes adds public CIM-10 codes to the output layer.",
     )
     p.add_argument("ref", metavar="NAME/VERSION", nargs="?",
                    help="a version of this site's registry (required unless "
