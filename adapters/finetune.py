@@ -69,13 +69,22 @@ from adapters.dp import (
     epsilon_of,
     train_dp_sgd,
 )
+from adapters.errors import UnknownParameter
+from adapters.model_kind import (
+    default_trainable,
+    encode,
+    input_kind_of,
+    refuse_untrainable,
+    weight_names,
+)
+from adapters.new_codes import CodeAddition, check_old_columns, extend_output, read_code_list
 from adapters.onnx_tf import OnnxExecutor, load_model
 from adapters.randomness import RandomSource, SecureRandom
 from passerelle.corpus import read_corpus
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, ParityError, PasserelleError, Refused
 from registry.export import PARITY_TOLERANCE, run_onnx
-from registry.model_dir import LABELS, VOCABULARY
+from registry.model_dir import LABELS, VOCABULARY, InputKind
 from registry.store import TAG, ModelStore, PrivacyUnit, VersionInfo, VersionRef
 from registry.tracking import finetune_metrics
 from registry.vocabulary import Vocabulary, select_text
@@ -90,7 +99,7 @@ if TYPE_CHECKING:
 TESTING_ENV = "PASSERELLE_TESTING"
 ONNX_FILE = "model.onnx"
 FINETUNE_CARD = "finetune_card.json"
-DEFAULT_TRAINABLE = ("hidden", "logits")
+MODEL_CARD = "model_card.json"
 # copied from the source version: where the model came from. Not its audit verdict: that
 # was earned by other bytes (the fine-tuned version states its own audit status).
 _LINEAGE = ("received_from", "sender_fingerprint", "bundle_digest", "source_model",
@@ -102,13 +111,16 @@ class FinetuneOptions:
     epsilon: float
     delta: float | None = None  # None: the site's per-run limit for the released count
     privacy_unit: PrivacyUnit = PrivacyUnit.PATIENT
-    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+    # None: per model (adapters.model_kind.default_trainable): hidden,logits for the
+    # built-in coder, a linear model's coefficients and intercepts, else every weight
+    trainable: tuple[str, ...] | None = None
     epochs: int = 10
     expected_batch_size: int = 64
     clip: float = 1.0
     learning_rate: float = 5e-3
     heldout_fraction: float = 0.2
     drop_unknown_codes: bool = False
+    add_codes: Path | None = None  # a public CIM-10 code list (adapters.new_codes)
     # Tests only (refused unless PASSERELLE_TESTING=1): seeds TensorFlow; sampling and the
     # Gaussian noise come from the run's ``rng`` (SecureRandom, the OS's CSPRNG, unless a
     # test passes a seeded one). Reproducible noise can be subtracted, which voids
@@ -130,11 +142,11 @@ class FinetuneOptions:
 class SiteData:
     """The site's stays, encoded for the model, split by a keyed hash of the patient id."""
 
-    inputs: npt.NDArray[np.int32]
+    inputs: npt.NDArray[Any]  # token ids (int32) or bag of words (float32)
     labels: npt.NDArray[np.int64]
     units: npt.NDArray[np.int64]  # privacy unit index of every training stay
     n_units: int  # exact: never released (the released count is noised)
-    heldout_inputs: npt.NDArray[np.int32]
+    heldout_inputs: npt.NDArray[Any]
     heldout_labels: npt.NDArray[np.int64]
     heldout_units: npt.NDArray[np.int64]  # held-out patient index of every held-out stay
     patients: int  # training patients (exact: never released)
@@ -171,6 +183,10 @@ class FinetuneResult:
     dataset: str
     seeded: bool
     started_record: str
+    input_kind: str = InputKind.TOKEN_IDS.value
+    codes_added: tuple[str, ...] = ()
+    codes_file_digest: str | None = None
+    codes_parity: float | None = None  # old columns, before/after the extension
 
 
 HELDOUT_PURPOSE = "finetune/heldout"
@@ -187,9 +203,11 @@ def heldout_patients(key: bytes, patient_ids: Collection[str],
 
 
 def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: PrivacyUnit,
-                   heldout_fraction: float, key: bytes, drop_unknown: bool) -> SiteData:
-    """Step 2. A patient is held out iff keyed_fraction(key, patient id) < fraction: its
-    side never moves when other patients are added or removed."""
+                   heldout_fraction: float, key: bytes, drop_unknown: bool,
+                   kind: InputKind = InputKind.TOKEN_IDS) -> SiteData:
+    """Step 2 (``kind``: what the model reads, encoded by the vocabulary's encoders). A
+    patient is held out iff keyed_fraction(key, patient id) < fraction: its side never
+    moves when other patients are added or removed."""
     corpus = read_corpus(data)
     stays = list(corpus.stays)
     if any(not s.patient_id or not s.patient_id.strip() for s in stays):
@@ -205,7 +223,7 @@ def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: Privac
     if not stays:
         raise BadInput(f"{data}: no stay left to train on")
     texts = [select_text(s.sections.as_dict(), vocab.config.sections) for s in stays]
-    x = vocab.encode(texts)
+    x = encode(kind, vocab, texts)
     y = np.asarray([index[s.main_diagnosis] for s in stays], dtype=np.int64)
     pids = [s.patient_id for s in stays]
     held = heldout_patients(key, pids, heldout_fraction)
@@ -357,6 +375,102 @@ def _check_seed(options: FinetuneOptions, rng: np.random.Generator | None) -> bo
     return seeded
 
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """Steps 1-3: the model as it will train, and the site's stays encoded for it."""
+
+    src: Path  # the received version's ONNX directory
+    executor: OnnxExecutor
+    output: str
+    site: SiteData
+    model_bytes: bytes  # the graph that trains (with the added codes' columns, if any)
+    parity_before: float
+    trainable: tuple[str, ...]
+    kind: InputKind
+    codes: tuple[str, ...]  # the label table, added codes last
+    addition: CodeAddition | None
+    codes_parity: float | None
+
+    def facts(self) -> dict[str, Any]:
+        """What the ledger records about the model's preparation."""
+        doc: dict[str, Any] = {"trainable": list(self.trainable),
+                               "input_kind": self.kind.value}
+        if self.addition is not None:
+            doc |= {"codes_added": list(self.addition.codes),
+                    "codes_file_digest": self.addition.file_digest,
+                    "codes_source": CODES_SOURCE, "labels_count": len(self.codes)}
+        return doc
+
+
+CODES_SOURCE = "public CIM-10 table (passerelle.corpus.codes), not the site's data"
+
+
+def prepare_model(src: Path, data: Path, options: FinetuneOptions,
+                  key: bytes) -> PreparedModel:
+    """(1) refuse tree ensembles and weightless graphs, extend the output layer with
+    ``--add-codes``, build the executor on the per-model trainable weights; (2) read the
+    site's stays in the model's input kind; (3) parity: old columns unchanged by the
+    extension, executor against onnxruntime. Every refusal here is before any charge."""
+    original = load_model(src / ONNX_FILE)
+    refuse_untrainable(original)
+    vocab = Vocabulary.load(src / VOCABULARY)
+    kind = input_kind_of(original, vocab, src / MODEL_CARD)
+    codes = tuple(_codes(src / LABELS))
+    addition = (read_code_list(options.add_codes, codes)
+                if options.add_codes is not None else None)
+    proto = (extend_output(original, len(codes), len(addition.codes))
+             if addition is not None else original)
+    codes = codes + (addition.codes if addition is not None else ())
+    trainable = tuple(_names(options.trainable)) if options.trainable is not None \
+        else default_trainable(proto)
+    try:
+        executor = OnnxExecutor.from_model(proto, trainable=list(trainable))
+    except UnknownParameter as e:
+        raise UnknownParameter(f"--trainable: {e}; its weights are "
+                               f"{', '.join(weight_names(proto))}") from e
+    if addition is not None:
+        _check_output_trains(executor, len(codes))
+    output = "logits" if "logits" in executor.output_names else executor.output_names[0]
+    site = load_site_data(data, vocab, list(codes), options.privacy_unit,
+                          options.heldout_fraction, key, options.drop_unknown_codes, kind)
+    model_bytes = proto.SerializeToString()
+    codes_parity = None
+    if addition is not None:
+        codes_parity = check_old_columns(run_onnx(original.SerializeToString(),
+                                                  site.heldout_inputs),
+                                         run_onnx(model_bytes, site.heldout_inputs),
+                                         len(addition.codes), PARITY_TOLERANCE)
+    parity = check_executor_parity(executor, model_bytes, site.heldout_inputs, output)
+    return PreparedModel(src, executor, output, site, model_bytes, parity, trainable, kind,
+                         codes, addition, codes_parity)
+
+
+def _check_output_trains(executor: OnnxExecutor, n_codes: int) -> None:
+    """New codes start at zero weights: the output layer's weights (those with a dimension
+    of the new code count) must train."""
+    frozen = [p.name for p in executor.parameters
+              if not p.trainable and n_codes in p.shape]
+    if frozen:
+        raise BadInput(f"--add-codes: the new codes' weights ({', '.join(frozen)}) would "
+                       "not train; name the output layer in --trainable")
+
+
+def write_labels(src: Path, dst: Path, addition: CodeAddition | None) -> None:
+    """The label table shipped with the new version: the old one, added codes last."""
+    if addition is None:
+        shutil.copyfile(src, dst)
+        return
+    try:
+        doc = json.loads(src.read_text(encoding="utf-8"))
+        codes, labels = list(doc["codes"]), dict(doc["labels"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{src}: unreadable labels: {e}") from e
+    codes += list(addition.codes)
+    labels |= dict(zip(addition.codes, addition.labels, strict=True))
+    dst.write_text(json.dumps({**doc, "codes": codes, "labels": labels},
+                              ensure_ascii=False, indent=1) + "\n")
+
+
 def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                      options: FinetuneOptions, rec: Recorder,
                      rng: np.random.Generator | None = None,
@@ -376,16 +490,9 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
     with tempfile.TemporaryDirectory(prefix=".passerelle-finetune-", dir=home) as tmp:
         work = Path(tmp)
         src = store.download(info, "onnx", work / "src")
-        proto = load_model(src / ONNX_FILE)
-        executor = OnnxExecutor.from_model(proto, trainable=_names(options.trainable))
-        output = "logits" if "logits" in executor.output_names else executor.output_names[0]
-        vocab = Vocabulary.load(src / VOCABULARY)
-        codes = _codes(src / LABELS)
-        site = load_site_data(data, vocab, codes, options.privacy_unit,  # (2)
-                              options.heldout_fraction, key, options.drop_unknown_codes)
-        model_bytes = (src / ONNX_FILE).read_bytes()
-        parity_before = check_executor_parity(executor, model_bytes,  # (3)
-                                              site.heldout_inputs, output)
+        model = prepare_model(src, data, options, key)  # (1), (2), (3)
+        executor, output, site = model.executor, model.output, model.site
+        parity_before = model.parity_before
         released = release_unit_count(site.n_units, rng)  # (4)
         delta = options.delta if options.delta is not None else policy.delta_max(released)
         policy.check_delta(delta, released)
@@ -399,9 +506,9 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                                      RecordKind.FINETUNE_STARTED,
                                      subject("onnx", str(ref),
                                              info.tags.get(TAG + "onnx_digest")),
-                                     _started_fields(ref, options, charge, sp, policy,
-                                                     eps_pld, eps_rdp, eps_patient,
-                                                     released, seeded)))
+                                     _started_fields(ref, options, model, charge, sp,
+                                                     policy, eps_pld, eps_rdp,
+                                                     eps_patient, released, seeded)))
         base = {"model": ref.name, "source_version": ref.version,
                 "started_record": str(started.id), "dataset": site.members.dataset,
                 "privacy_unit": options.privacy_unit.value, "epsilon": eps_pld,
@@ -412,11 +519,11 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                 "sampling_rate": plan.sampling_rate, "steps": plan.steps,
                 "clip": options.clip, "units_released": released,
                 "budget_spent": spent.epsilon, "budget_cap": policy.epsilon_cap,
-                "seeded": seeded, "private": not seeded}
+                "seeded": seeded, "private": not seeded, **model.facts()}
         try:
             result, out = _train_and_write(  # (6), (7)
-                executor, output, site, plan, options, rng, progress, model_bytes, work,
-                src, info, ref, FinetuneFacts(eps_pld, eps_rdp, delta, released, spent,
+                executor, output, site, plan, options, rng, progress, model, work,
+                info, ref, FinetuneFacts(eps_pld, eps_rdp, delta, released, spent,
                                               policy.epsilon_cap, eps_patient, k,
                                               parity_before, seeded, str(started.id)))
             tags = _tags(info, result, sha256_file(out / ONNX_FILE))
@@ -427,7 +534,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                            subject("onnx", str(version.ref), onnx_digest)
                            + subject("dataset", str(data.name), None),
                            {**base, "outcome": "finished", "version": version.ref.version,
-                            "onnx_digest": onnx_digest, "trainable": list(options.trainable),
+                            "onnx_digest": onnx_digest, "trainable": list(model.trainable),
                             "accuracy_before": result.accuracy_before,
                             "accuracy_after": result.accuracy_after,
                             "accuracy_scope": ACCURACY_SCOPE})
@@ -464,7 +571,7 @@ class FinetuneFacts:
 
 def _train_and_write(executor: OnnxExecutor, output: str, site: SiteData, plan: DpSgdPlan,
                      options: FinetuneOptions, rng: np.random.Generator | None,
-                     progress: Progress | None, model_bytes: bytes, work: Path, src: Path,
+                     progress: Progress | None, model: PreparedModel, work: Path,
                      info: VersionInfo, ref: VersionRef, facts: FinetuneFacts,
                      ) -> tuple[FinetuneResult, Path]:
     before = accuracy(logits_of(executor, site.heldout_inputs, output), site.heldout_labels)
@@ -476,28 +583,32 @@ def _train_and_write(executor: OnnxExecutor, output: str, site: SiteData, plan: 
     new_bytes = executor.to_model().SerializeToString()
     (out / ONNX_FILE).write_bytes(new_bytes)
     parity_after = check_executor_parity(executor, new_bytes, site.heldout_inputs, output)
-    for name in (VOCABULARY, LABELS):
-        shutil.copyfile(src / name, out / name)
+    shutil.copyfile(model.src / VOCABULARY, out / VOCABULARY)
+    write_labels(model.src / LABELS, out / LABELS, model.addition)
     result = FinetuneResult(
         version=info, source=ref, epsilon_pld=facts.epsilon_pld,
         epsilon_rdp=facts.epsilon_rdp, delta=facts.delta,
         noise_multiplier=plan.noise_multiplier, sampling_rate=plan.sampling_rate,
         steps=plan.steps, clip=options.clip, privacy_unit=options.privacy_unit.value,
-        trainable=options.trainable, accuracy_before=before, accuracy_after=after,
+        trainable=model.trainable, accuracy_before=before, accuracy_after=after,
         units_released=facts.released, heldout_stays=len(site.heldout_labels),
         heldout_patients=site.heldout_patients, parity_before=facts.parity_before,
         parity_after=parity_after, budget=facts.spent, budget_cap=facts.cap,
         epsilon_patient=facts.epsilon_patient, group_size=facts.group_size,
         dataset=site.members.dataset, seeded=facts.seeded,
-        started_record=facts.started_record)
+        started_record=facts.started_record, input_kind=model.kind.value,
+        codes_added=model.addition.codes if model.addition else (),
+        codes_file_digest=model.addition.file_digest if model.addition else None,
+        codes_parity=model.codes_parity)
     (out / FINETUNE_CARD).write_text(json.dumps(card(result), indent=1, sort_keys=True,
                                                 default=str) + "\n")
     return result, out
 
 
-def _started_fields(ref: VersionRef, options: FinetuneOptions, charge: dict[str, Any],
-                    spent: Spent, policy: BudgetPolicy, eps_pld: float, eps_rdp: float,
-                    eps_patient: float, released: int, seeded: bool) -> dict[str, Any]:
+def _started_fields(ref: VersionRef, options: FinetuneOptions, model: PreparedModel,
+                    charge: dict[str, Any], spent: Spent, policy: BudgetPolicy,
+                    eps_pld: float, eps_rdp: float, eps_patient: float, released: int,
+                    seeded: bool) -> dict[str, Any]:
     return {"model": ref.name, "source_version": ref.version, "charge": charge,
             "dataset": charge["dataset"], "privacy_unit": options.privacy_unit.value,
             "epsilon": eps_pld, "accountant": "PLD", "epsilon_rdp": eps_rdp,
@@ -507,11 +618,11 @@ def _started_fields(ref: VersionRef, options: FinetuneOptions, charge: dict[str,
             "sampling_rate": charge["sampling_rate"], "steps": charge["steps"],
             "clip": options.clip, "learning_rate": options.learning_rate,
             "epochs": options.epochs, "expected_batch_size": options.expected_batch_size,
-            "trainable": list(options.trainable), "units_released": released,
+            "units_released": released,
             "count_noise_std": COUNT_NOISE_STD, "budget_spent": spent.epsilon,
             "budget_delta_sum": spent.delta_sum, "budget_runs": spent.runs,
             "budget_cap": policy.epsilon_cap, "shared_runs": list(spent.shared),
-            "seeded": seeded, "private": not seeded}
+            "seeded": seeded, "private": not seeded, **model.facts()}
 
 
 def _record_end(rec: Recorder, base: dict[str, Any], outcome: str, reason: str) -> None:
@@ -572,7 +683,13 @@ def _tags(info: VersionInfo, r: FinetuneResult, onnx_digest: str) -> dict[str, s
         f + "private": "false" if r.seeded else "true",
         f + "started_record": r.started_record,
         f + "parity_max_abs_diff": f"{r.parity_after:.3g}",
+        f + "input_kind": r.input_kind,
     }
+    if r.codes_added:  # the label table grew: the lineage says by which public codes
+        tags |= {f + "codes_added": ",".join(r.codes_added),
+                 f + "codes_file_digest": r.codes_file_digest or "",
+                 f + "codes_source": "cim10-public-table",
+                 f + "codes_parity_old_columns": f"{r.codes_parity:.3g}"}
     return tags
 
 

@@ -14,6 +14,7 @@ from passerelle.cli._common import (
     console,
     emit,
     existing_dir,
+    existing_file,
     float_range,
     fraction,
     home_of,
@@ -38,7 +39,11 @@ def add_to(sub: Subparsers) -> None:
         "delta rules and the allowed units are the site's policy (privacy.*, `passerelle\n"
         "site policy set`), never a flag; beyond the cap: exit 1. Held-out patients (a\n"
         "keyed hash of the patient id) measure accuracy before/after: they never train and\n"
-        "are not charged, so those figures are exact and outside the DP guarantee.",
+        "are not charged, so those figures are exact and outside the DP guarantee.\n"
+        "The stays are encoded as the model reads them (token ids or bag of words, from the\n"
+        "graph and its model card), so linear models (logreg, LinearSVC, SGDClassifier)\n"
+        "fine-tune too; tree ensembles are refused (gradient-based DP-SGD does not apply to\n"
+        "them). --add-codes adds public CIM-10 codes to the output layer.",
     )
     p.add_argument("ref", metavar="NAME/VERSION", nargs="?",
                    help="a version of this site's registry (required unless "
@@ -54,9 +59,11 @@ def add_to(sub: Subparsers) -> None:
                    default=PrivacyUnit.PATIENT.value,
                    help="default patient; stay only if the site's privacy.units allows it "
                    "(charged at patient level by group privacy)")
-    p.add_argument("--trainable", default="hidden,logits", metavar="LAYERS",
-                   help="comma-separated layers (groups) that train (default hidden,logits; "
-                   "the embedding trains only if named, slowly)")
+    p.add_argument("--trainable", default=None, metavar="LAYERS",
+                   help="comma-separated layers (groups) or weights that train (default: per "
+                   "model: hidden,logits for the built-in coder, the coefficients and "
+                   "intercepts of a linear model, else every float weight; the embedding "
+                   "trains only if named, slowly)")
     p.add_argument("--epochs", type=int_range(1, 1000), default=10,
                    help="expected passes over the units (steps = epochs / q), 1 to 1,000 "
                    "(default 10)")
@@ -72,6 +79,12 @@ def add_to(sub: Subparsers) -> None:
                    "10 held-out patients)")
     p.add_argument("--drop-unknown-codes", action="store_true",
                    help="drop stays whose code the model does not know (default: refuse)")
+    p.add_argument("--add-codes", type=existing_file, metavar="FILE", default=None,
+                   help="extend the output layer with these public CIM-10 codes (a JSON list "
+                   "or one code a line, each checked against the CIM-10 table shipped with "
+                   "Passerelle; never drawn from the site's data): zero weights, the "
+                   "smallest existing bias, added last to the label table; recorded in the "
+                   "lineage and the ledger (default: none)")
     p.add_argument("--seed", type=SEED,
                    help="seed for sampling and noise: refused unless PASSERELLE_TESTING=1 "
                    "(the test suite); such a run is recorded as seeded, not private "
@@ -98,7 +111,9 @@ def finetune(args: argparse.Namespace) -> int:
 
     options = steps.finetune_options(
         epsilon=args.epsilon, delta=args.delta, privacy_unit=PrivacyUnit(args.privacy_unit),
-        trainable=tuple(t.strip() for t in args.trainable.split(",")), epochs=args.epochs,
+        trainable=(None if args.trainable is None
+                   else tuple(t.strip() for t in args.trainable.split(","))),
+        epochs=args.epochs, add_codes=args.add_codes,
         expected_batch_size=args.batch_size, clip=args.clip,
         learning_rate=args.learning_rate, heldout_fraction=args.heldout_fraction,
         drop_unknown_codes=args.drop_unknown_codes, noise_seed=args.seed)
@@ -116,6 +131,8 @@ def finetune(args: argparse.Namespace) -> int:
            "heldout_patients": r.heldout_patients, "units_released": r.units_released,
            "units_released_noise_std": COUNT_NOISE_STD, "seeded": r.seeded,
            "private": not r.seeded, "started_record": r.started_record,
+           "input_kind": r.input_kind, "codes_added": list(r.codes_added),
+           "codes_file_digest": r.codes_file_digest,
            "budget": {"dataset": r.dataset, "unit": "patient", "runs": r.budget.runs,
                       "epsilon_spent": r.budget.epsilon, "delta_sum": r.budget.delta_sum,
                       "accounting_delta": r.budget.accounting_delta,
@@ -132,6 +149,8 @@ def finetune(args: argparse.Namespace) -> int:
             console.print(f"patient level (group privacy, up to {r.group_size} stays per "
                           f"patient): epsilon {r.epsilon_patient:.4f} at delta "
                           f"{r.budget.accounting_delta:g}")
+        if r.codes_added:
+            console.print(f"codes added (public CIM-10 table): {', '.join(r.codes_added)}")
         console.print(f"held-out accuracy ({r.heldout_patients} patients outside the budget, "
                       f"exact, not DP): {r.accuracy_before:.1%} -> {r.accuracy_after:.1%}")
         console.print(f"budget (patient level, at delta {r.budget.accounting_delta:g}): the "
