@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from registry.store import RECEIVE_TAG, TAG, ModelStore
 from tests.transfer_support import Site, forge, make_site, ship_dir, trust
@@ -133,14 +134,15 @@ def test_receive_killed_at_random_points_registers_each_bundle_once(tmp_path: Pa
     assert kills >= 2, f"only {kills} of 3 runs were killed before they ended"
 
 
-def _exported_version(home: Path, root: Path) -> str:
+def _exported_version(home: Path, root: Path, pad: bool = True) -> str:
     """A registered version with a logged ONNX export and a recorded export override, as
     ``model export --override`` leaves it (real MLflow, tiny ONNX)."""
     from passerelle.digests import sha256_file
 
     store = ModelStore(home)
     ship = ship_dir(root / "src", name="export")
-    (ship / "model.onnx").write_bytes((ship / "model.onnx").read_bytes() + bytes(4 << 20))
+    if pad:  # a longer encryption for the kill to land in (no longer a valid ONNX)
+        (ship / "model.onnx").write_bytes((ship / "model.onnx").read_bytes() + bytes(4 << 20))
     (ship / "model_card.json").write_text(json.dumps({"parity": {
         "inputs": 8, "max_abs_diff": 0.0, "top1_agreement": 1.0, "tolerance": 1e-4}}))
     digest = sha256_file(ship / "model.onnx")
@@ -192,3 +194,68 @@ def test_create_killed_at_random_points_leaves_no_plaintext_and_no_reused_sequen
                if not p.name.endswith(".partial")]
     assert len(written) == len(set(written)) and set(written) <= set(sequences)
     assert kills >= 1, "no create was killed before it ended"
+
+
+def _created(site: Site) -> list[tuple[str, int, str]]:
+    with Ledger(ledger_url(site.home), site.identity.site) as ledger:
+        return [(r.id, r.fields["sequence"], r.fields["bundle"])
+                for r in ledger.records(kind=RecordKind.BUNDLE_CREATED)]
+
+
+def test_create_killed_between_its_record_and_the_rename_is_finished_by_the_next_create(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A kill (here KeyboardInterrupt raised by the final rename, once) after the
+    ``bundle_created`` record: the ciphertext stays beside --out with a journal in the
+    home; the next create finishes that bundle under its name (roll forward), then makes
+    its own; every record names a bundle on disk, no sequence is used twice."""
+    import transfer.bundle as bundle_module
+    from registry.store import VersionRef
+    from transfer.bundle import read_envelope
+    from transfer.exchange import create_bundle, verify_bundle
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    trust(x, y)
+    trust(y, x)
+    ref = VersionRef.parse(_exported_version(x.home, tmp_path, pad=False))
+    store = ModelStore(x.home)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    killed = out_dir / "killed.bundle"
+    real_replace = os.replace
+
+    def interrupted(src: Any, dst: Any) -> None:
+        if Path(dst) == killed:
+            monkeypatch.setattr(bundle_module.os, "replace", real_replace)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundle_module.os, "replace", interrupted)
+    try:
+        create_bundle(x.home, store, ref, ["Y"], killed)
+        raise AssertionError("the rename was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    # the detectable state: a record, no bundle yet, its ciphertext and a journal
+    [(record, sequence, payload)] = _created(x)
+    assert not killed.exists()
+    [partial] = [p for p in out_dir.iterdir()]
+    assert partial.name.endswith(".partial")
+    journals = list((x.home / "transfer" / "pending-bundles").glob("tx-*.json"))
+    assert len(journals) == 1 and json.loads(journals[0].read_text())["payload"] == payload
+    assert _plaintext_outside(tmp_path, x.home) == []
+
+    done = create_bundle(x.home, store, ref, ["Y"], out_dir / "next.bundle")
+    assert done.finished == (killed,)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["killed.bundle", "next.bundle"]
+    assert list((x.home / "transfer" / "pending-bundles").iterdir()) == []
+    header = read_envelope(killed).header
+    assert (header.ledger_record, header.transfer.sequence, header.payload_digest) == (
+        record, sequence, payload)
+    assert verify_bundle(killed, y.home).decrypted  # signed again over the recorded payload
+    created = _created(x)
+    on_disk = {(read_envelope(p).header.ledger_record, read_envelope(p).header.transfer.sequence)
+               for p in out_dir.iterdir()}
+    assert on_disk == {(r, s) for r, s, _ in created}
+    assert len({s for _, s, _ in created}) == len(created) == 2
+    assert _plaintext_outside(tmp_path, x.home) == []
+    assert list((x.home / ".sending").iterdir()) == []

@@ -55,7 +55,7 @@ import pyrage  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from passerelle.digests import canonical_json, sha256_file
-from passerelle.errors import PasserelleError
+from passerelle.errors import PasserelleError, Refused
 from transfer import onnx_safety, strict_json
 from transfer.archive import Limits, PackedStream, unpack_stream
 from transfer.errors import (
@@ -87,6 +87,7 @@ SENDING_LOCK = ".sending.lock"
 RECEIVED_STATE = "received.json"
 SENT_STATE = "sent.json"
 STATE_DIR = "transfer"
+PENDING_DIR = "pending-bundles"  # under HOME/transfer/: creates past their ledger record
 CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_VALIDITY = timedelta(days=7)
 # Test hook for the kill test: seconds to sleep right after decryption.
@@ -314,7 +315,8 @@ def _signed_header(header: Header, key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
          recipients: Sequence[PublicIdentity], out: Path, work: Path,
-         ledger_hook: LedgerHook | None = None) -> str:
+         ledger_hook: LedgerHook | None = None, journal: Path | None = None,
+         overwrite: bool = False) -> str:
     """Pack ``staged``, encrypt it to ``recipients``, write the signed bundle ``out``.
 
     One pass: the deterministic tar is produced as age reads it and the ciphertext goes
@@ -324,6 +326,11 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
     the signed header is written in front and the file moved to ``out`` atomically.
     ``work`` is unused (kept for callers); nothing plaintext is written outside
     ``staged``.
+
+    With ``journal`` (a path in the home, see :func:`finish_interrupted`), what is needed
+    to finish the bundle (where its ciphertext is, the transfer) is written there before
+    the ledger hook runs; once the record exists, a failure or a kill no longer removes
+    the ciphertext: the next create finishes the header and the rename (roll forward).
     """
     del work
     try:
@@ -340,6 +347,7 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".partial",
                                dir=out.resolve().parent)
+    recorded = False
     try:
         with os.fdopen(fd, "wb", buffering=0) as raw:
             writer = _PayloadWriter(raw, stream.size, length_of)
@@ -350,22 +358,133 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
             raw.flush()
             os.fsync(raw.fileno())
             digest = "sha256:" + writer.hash.hexdigest()
+            if journal is not None:
+                _write_json(journal, {
+                    "partial": str(Path(tmp).resolve()), "out": str(out.absolute()),
+                    "transfer": transfer.to_json(), "payload": digest,
+                    "payload_size": writer.size, "header_length": writer.header_length,
+                    "overwrite": overwrite})
             record = ledger_hook(digest, writer.size) if ledger_hook is not None else None
-            doc = _signed_header(Header(transfer, digest, writer.size, record),
-                                 identity.signing_key)
-            if len(doc) != writer.header_length:
-                raise MalformedBundle("the signed header does not fit the room left for it")
-            prefix = MAGIC + struct.pack(">I", len(doc)) + doc
-            raw.seek(0)
-            raw.write(prefix)
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)  # the bundle is encrypted, meant to be shared
-        whole = sha256_file(Path(tmp))  # the bundle file's digest, as a receiver sees it
-        os.replace(tmp, out)
+            recorded = record is not None
+            _finish(Path(tmp), out, identity, Header(transfer, digest, writer.size, record),
+                    writer.header_length, raw, overwrite)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if not recorded:  # no record names it: nothing to finish
+            Path(tmp).unlink(missing_ok=True)
+            if journal is not None:
+                journal.unlink(missing_ok=True)
         raise
-    return whole
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+    return sha256_file(out)  # the bundle file's digest, as a receiver sees it
+
+
+def _finish(tmp: Path, out: Path, identity: SiteIdentity, header: Header,
+            header_length: int, raw: BinaryIO, overwrite: bool) -> None:
+    """Write the signed header in front of the payload already in ``tmp`` and move the
+    file to ``out`` (over an existing file only with ``overwrite``)."""
+    doc = _signed_header(header, identity.signing_key)
+    if len(doc) != header_length:
+        raise MalformedBundle("the signed header does not fit the room left for it")
+    raw.seek(0)
+    raw.write(MAGIC + struct.pack(">I", len(doc)) + doc)
+    raw.flush()
+    os.fsync(raw.fileno())
+    os.chmod(tmp, 0o644)  # the bundle is encrypted, meant to be shared
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise MalformedBundle(f"{out}: appeared while the bundle was written")
+    os.replace(tmp, out)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(canonical_json(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def pending_journal(home: Path, work: Path) -> Path:
+    """Where the create working in ``work`` (a folder of :func:`sending_area`) notes a
+    bundle between its ``bundle_created`` record and its final rename."""
+    return home / STATE_DIR / PENDING_DIR / f"{work.name}.json"
+
+
+def finish_interrupted(home: Path, identity: SiteIdentity,
+                       created: Callable[[str], str | None]) -> list[Path]:
+    """Settle the bundles of creates killed after their ``bundle_created`` record.
+
+    For each journal left by a create that is no longer running: when no record names
+    its payload (``created(payload_digest)`` is the record's id or None), the ciphertext
+    is removed (its sequence number stays burnt); when the bundle is already at its
+    final name, the journal is dropped; else the header is signed again over the
+    recorded payload (checked byte for byte against the record's digest) and the file
+    moved to its final name. Returns the bundles finished. A recorded bundle that cannot
+    be finished (its ciphertext gone or changed, its name taken) is refused with what
+    to do, and its journal kept.
+    """
+    folder = home / STATE_DIR / PENDING_DIR
+    if not folder.is_dir():
+        return []
+    finished = []
+    with _locked(home / SENDING_LOCK):
+        for journal in sorted(folder.glob("tx-*.json")):
+            if _live(home / SENDING_DIR / journal.stem):
+                continue
+            doc = json.loads(journal.read_bytes())
+            partial, out = Path(doc["partial"]), Path(doc["out"])
+            record = created(doc["payload"])
+            if record is None or _bundle_with_payload(out, doc["payload"]):
+                partial.unlink(missing_ok=True)
+            else:
+                _roll_forward(partial, out, identity, doc, record, journal)
+                finished.append(out)
+            journal.unlink()
+    return finished
+
+
+def _live(work: Path) -> bool:
+    try:
+        with (work / ".lock").open("a") as other:
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _bundle_with_payload(path: Path, payload: str) -> bool:
+    try:
+        return read_envelope(path).header.payload_digest == payload
+    except (OSError, PasserelleError):
+        return False
+
+
+def _roll_forward(partial: Path, out: Path, identity: SiteIdentity, doc: dict[str, Any],
+                  record: str, journal: Path) -> None:
+    length, size = int(doc["header_length"]), int(doc["payload_size"])
+    offset = len(MAGIC) + 4 + length
+    ok = partial.is_file() and partial.stat().st_size == offset + size
+    if ok:
+        h = hashlib.sha256()
+        with partial.open("rb") as f:
+            f.seek(offset)
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        ok = "sha256:" + h.hexdigest() == doc["payload"]
+    taken = not doc.get("overwrite") and (out.exists() or out.is_symlink())
+    if not ok or taken:
+        what = "its name is taken" if ok else f"its ciphertext {partial} is gone or changed"
+        raise Refused(
+            f"the bundle recorded as {record} ({out}) was interrupted and cannot be "
+            f"finished: {what}; the record stands for a bundle never written; remove "
+            f"{journal} to go on")
+    header = Header(Transfer.from_json(doc["transfer"]), doc["payload"], size, record)
+    with partial.open("r+b", buffering=0) as raw:
+        _finish(partial, out, identity, header, length, raw, bool(doc.get("overwrite")))
 
 
 def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], model: str,
@@ -384,7 +503,8 @@ def make_transfer(identity: SiteIdentity, recipients: Sequence[PublicIdentity], 
 def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStatement,
                      recipients: Sequence[PublicIdentity], out: Path,
                      ledger_hook: LedgerHook | None = None,
-                     staging: Path | None = None) -> str:
+                     staging: Path | None = None, journal: Path | None = None,
+                     overwrite: bool = False) -> str:
     """Stage, sign, pack, encrypt and write a bundle of the shippable folder ``ship``.
 
     The plaintext staging folder is made under ``staging`` (the site's private area, see
@@ -395,7 +515,8 @@ def bundle_directory(identity: SiteIdentity, ship: Path, statement: TransferStat
     parent = staging if staging is not None else ship.resolve().parent
     with private_workspace(parent, ".passerelle-bundle-") as work:
         staged = stage(identity, ship, statement, work)
-        return seal(identity, staged, statement.transfer, recipients, out, work, ledger_hook)
+        return seal(identity, staged, statement.transfer, recipients, out, work, ledger_hook,
+                    journal, overwrite)
 
 
 def next_sequence(home: Path, model: str) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import BadInput, GateRefused, PasserelleError, Refused
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
-from transfer.acts import Recorder, recorder, subject
+from transfer.acts import Recorder, has_ledger, recorder, subject
 from transfer.archive import Limits
 from transfer.bundle import (
     DEFAULT_VALIDITY,
@@ -33,9 +33,11 @@ from transfer.bundle import (
     VerifiedBundle,
     bundle_directory,
     check_envelope,
+    finish_interrupted,
     make_transfer,
     max_validity,
     open_bundle,
+    pending_journal,
     read_envelope,
     read_statement,
     record_received,
@@ -44,6 +46,7 @@ from transfer.bundle import (
 )
 from transfer.errors import DigestMismatch, Rollback
 from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity, verify
+from transfer.ledger import Ledger, ledger_url
 from transfer.records import RecordKind, Subject, bundle_arrived_fields, bundle_created_fields
 from transfer.statement import Header, TransferStatement
 from transfer.trust import TrustStore
@@ -57,6 +60,7 @@ class CreatedBundle:
     digest: str
     statement: TransferStatement
     size: int
+    finished: tuple[Path, ...] = ()  # bundles of killed creates finished first
 
 
 @dataclass(frozen=True)
@@ -126,17 +130,20 @@ def _add_audit_report(store: ModelStore, info: VersionInfo, ship: Path, work: Pa
 
 def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[str],
                   out: Path, now: datetime | None = None,
-                  validity: timedelta = DEFAULT_VALIDITY) -> CreatedBundle:
+                  validity: timedelta = DEFAULT_VALIDITY,
+                  overwrite: bool = False) -> CreatedBundle:
     """``bundle create``: seal a registered version for the sites ``to``.
 
     Plaintext (the exported ONNX folder, the staged and signed model) lives only in the
     home's private ``.sending/`` area; beside ``out`` only ciphertext is written, moved
-    into place at the end. The sequence number is taken under a lock.
+    into place at the end. The sequence number is taken under a lock. A create killed
+    after its ``bundle_created`` record is finished first (see
+    :func:`transfer.bundle.finish_interrupted`); ``CreatedBundle.finished`` names them.
     """
     from registry.audit.policy import pinned_policy_digest
     from registry.export import shippable
 
-    if out.exists():
+    if not overwrite and (out.exists() or out.is_symlink()):
         raise BadInput(f"{out}: already exists")
     if not out.resolve().parent.is_dir():
         raise BadInput(f"{out.resolve().parent}: no such directory")
@@ -149,6 +156,7 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
     identity = load_site(home)
     trust = TrustStore(home)
     recipients = [trust.recipient(site) for site in dict.fromkeys(to)]
+    finished = finish_interrupted(home, identity, _created_record(home, identity))
     pinned = pinned_policy_digest(home)  # the only audit policy this site's gate accepts
     _gate_before_export(store.get(ref), pinned)  # refused before anything is converted
     with recorder(home, identity) as rec, sending_area(home) as work:
@@ -167,8 +175,23 @@ def create_bundle(home: Path, store: ModelStore, ref: VersionRef, to: Sequence[s
             legal_basis=info.tags.get(TAG + "legal_basis", ""),
             audit_verdict=verdict, onnx_digest=export.onnx_digest)
         digest = bundle_directory(identity, ship, statement, recipients, out,
-                                  _created_hook(rec, statement, info), staging=work)
-    return CreatedBundle(out, digest, statement, out.stat().st_size)
+                                  _created_hook(rec, statement, info), staging=work,
+                                  journal=pending_journal(home, work), overwrite=overwrite)
+    return CreatedBundle(out, digest, statement, out.stat().st_size, tuple(finished))
+
+
+def _created_record(home: Path, identity: SiteIdentity) -> Callable[[str], str | None]:
+    """The id of this site's ``bundle_created`` record naming a payload digest, if any."""
+    def find(payload_digest: str) -> str | None:
+        if not has_ledger(home):
+            return None
+        with Ledger(ledger_url(home), identity.site) as ledger:
+            for r in ledger.records(kind=RecordKind.BUNDLE_CREATED):
+                if r.fields.get("bundle") == payload_digest:
+                    return r.id
+        return None
+
+    return find
 
 
 def _gate_before_export(info: VersionInfo, pinned_policy: str) -> None:

@@ -13,7 +13,7 @@ from passerelle.cli._common import (
     emit,
     existing_file,
     home_of,
-    output_file,
+    parents_of,
     writable,
 )
 from passerelle.errors import BadInput
@@ -57,12 +57,17 @@ def create(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
     check_out_file(args.out, args.force)
     home = home_of(args, writes=True)
-    with output_file(args.out, args.force) as tmp:
-        result = create_bundle(home, ModelStore(home), ref, args.to, tmp)
+    with parents_of(args.out):  # the library writes beside --out and renames it at the end
+        result = create_bundle(home, ModelStore(home), ref, args.to, args.out,
+                               overwrite=args.force)
     t = result.statement.transfer
     doc = {"out": str(args.out), "bundle_digest": result.digest, "size": result.size,
            "model": t.model, "version": t.version, "sequence": t.sequence,
-           "recipients": [r.site for r in t.recipients], "expires": t.expires}
+           "recipients": [r.site for r in t.recipients], "expires": t.expires,
+           "finished": [str(p) for p in result.finished]}
+    for path in [] if args.json else result.finished:
+        console.print(f"finished {path}, left by a bundle create interrupted after its "
+                      "ledger record")
     emit(args, doc, lambda: console.print(
         f"sealed {t.model}/{t.version} (sequence {t.sequence}) for "
         f"{', '.join(r.site for r in t.recipients)} in {args.out} ({result.size} bytes, "
