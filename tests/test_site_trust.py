@@ -178,3 +178,79 @@ def test_after_rotation_bundles_signed_by_the_old_key_are_refused(
     x2 = Site(x.home, load_site(x.home))
     new = forge(tmp_path / "new.bundle", x2, [y], ship_dir(tmp_path, name="ship2"))
     assert verify_bundle(new, y.home, now=NOW).decrypted
+
+
+_KILLED_BEFORE_RECORD = """
+import os, signal, sys
+from pathlib import Path
+import transfer.identity as identity
+# SIGKILL at the exact point: keys swapped in, trust_rotated not yet appended
+identity.record_rotation = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+identity.rotate_site(Path(sys.argv[1]))
+"""
+
+
+def _rotations(home: Path, site: str) -> list[tuple[str, str]]:
+    from transfer.ledger import Ledger, ledger_url
+    from transfer.records import RecordKind
+
+    with Ledger(ledger_url(home), site) as ledger:
+        return [(r.fields["previous_fingerprint"], r.fields["fingerprint"])
+                for r in ledger.records(kind=RecordKind.TRUST_ROTATED)]
+
+
+def _rotate_killed_before_record(home: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RECORD, str(home)],
+                          capture_output=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+
+
+def test_rotation_killed_before_its_record_is_recorded_by_the_next_act(
+        tmp_path: Path) -> None:
+    """A ``site rotate`` SIGKILLed between the key swap and ``trust_rotated``: the new
+    key is in place and no record names it; the next recorded act first appends the
+    rotation, signed by the retired key, and the ledger verifies."""
+    from transfer.ledger_site import verify_site
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    _rotate_killed_before_record(x.home)
+    current = public_identity(x.home)
+    assert current.previous_fingerprint == x.public.fingerprint  # swapped in
+    assert _rotations(x.home, "X") == []  # the detectable state: unrecorded
+    assert (x.home / "identity" / "retired" / x.public.fingerprint[7:]).is_dir()
+
+    assert TrustStore(x.home).add(y.public) is AddOutcome.PINNED  # the next act
+    assert _rotations(x.home, "X") == [(x.public.fingerprint, current.fingerprint)]
+    assert list(x.home.glob(".identity-old-*")) == []
+    verify_site(x.home)
+    TrustStore(x.home).add(y.public)  # and only once
+    assert len(_rotations(x.home, "X")) == 1
+    rotate_site(x.home)  # rotating again continues the chain
+    assert len(_rotations(x.home, "X")) == 2
+    verify_site(x.home)
+
+
+def test_rotation_killed_before_its_record_without_the_retired_key_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from transfer.ledger import Ledger, ledger_url
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    _rotate_killed_before_record(x.home)
+    shutil.rmtree(x.home / "identity" / "retired")
+    (tmp_path / "y.json").write_text(json.dumps(y.public.to_json()))
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        before = ledger.count()
+    assert main(["trust", "add", str(tmp_path / "y.json"), "--home", str(x.home)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "trust_rotated" in err[0]
+    assert "restore" in err[0]
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        assert ledger.count() == before  # nothing recorded, nothing trusted
+    assert TrustStore(x.home).entries() == []

@@ -13,6 +13,7 @@ no ledger: the act proceeds and no record is written (there is no key to sign wi
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +63,39 @@ def recorder(home: Path, identity: SiteIdentity | None = None) -> Iterator[Recor
     site = identity or load_site(home)
     signer = EcdsaSigner(site.signing_key)
     with Ledger(ledger_url(home), site.site) as ledger:
+        record_unrecorded_rotation(home, site, ledger)
         yield Recorder(ledger, signer)
+
+
+def record_unrecorded_rotation(home: Path, site: SiteIdentity, ledger: Ledger) -> bool:
+    """Settle a ``site rotate`` killed between the key swap and its ``trust_rotated``
+    record: when the current key names a previous one and no record of this site's own
+    rotation names the current key, append that record now, signed (as ``site rotate``
+    signs it) by the previous key kept in ``identity/retired/``, once that key is checked
+    to have vouched for the current one. Run before any act is recorded, so no record
+    is signed by a key the ledger has not seen rotated in. Whether a record was added.
+    """
+    from transfer.errors import IdentityError
+    from transfer.identity import record_rotation
+
+    previous = site.public.previous_fingerprint
+    if previous is None:
+        return False
+    if any(r.fields.get("own_key") and r.fields.get("fingerprint") == site.fingerprint
+           for r in ledger.records(kind=RecordKind.TRUST_ROTATED)):
+        return False
+    retired = identity_dir(home) / "retired" / previous.removeprefix("sha256:")
+    if not (retired / PUBLIC_FILE).is_file():
+        raise IdentityError(
+            f"site {site.site}: the current key {site.fingerprint} was rotated in but no "
+            f"trust_rotated record names it, and the previous key is not in {retired}; "
+            "restore that folder (from a backup) so the rotation can be recorded")
+    old = load_site(home, site.passphrase, retired)
+    site.public.verify_rotation(old.signing_key.public_key())
+    record_rotation(Recorder(ledger, EcdsaSigner(old.signing_key)), old, site.public)
+    for stale in home.glob(".identity-old-*"):  # the swapped-out folder a kill left
+        shutil.rmtree(stale, ignore_errors=True)
+    return True
 
 
 def subject(kind: str, name: str, digest: str | None) -> list[Subject]:

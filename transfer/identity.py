@@ -319,7 +319,7 @@ def rotate_site(home: Path, passphrase: str | None = None,
                 os.rename(target, stale)
                 os.rename(work, target)
                 swapped = True
-                _record_rotation(rec, current, public)  # signed by the key being retired
+                record_rotation(rec, current, public)  # signed by the key being retired
             except BaseException:
                 if swapped:
                     os.rename(target, work)
@@ -348,7 +348,7 @@ def _retire(target: Path, work: Path, current: SiteIdentity) -> None:
             shutil.copy2(target / name, keep / name)
 
 
-def _record_rotation(rec: Any, current: SiteIdentity, new: PublicIdentity) -> None:
+def record_rotation(rec: Any, current: SiteIdentity, new: PublicIdentity) -> None:
     """Append the ``trust_rotated`` record of this site's own rotation."""
     from transfer.acts import subject
     from transfer.records import RecordKind
