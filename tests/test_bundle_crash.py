@@ -259,3 +259,35 @@ def test_create_killed_between_its_record_and_the_rename_is_finished_by_the_next
     assert len({s for _, s, _ in created}) == len(created) == 2
     assert _plaintext_outside(tmp_path, x.home) == []
     assert list((x.home / ".sending").iterdir()) == []
+
+
+def test_two_first_receives_on_a_fresh_home_at_once_both_register(tmp_path: Path) -> None:
+    """Two ``bundle receive`` processes start together on a home whose MLflow store does
+    not exist yet (its schema is created under the home's lock), with bundles from two
+    senders: both succeed, two versions, two ``bundle_received`` records, and the chain
+    verifies."""
+    from transfer.ledger_site import verify_site
+
+    x, z, y = (make_site(tmp_path, name) for name in ("X", "Z", "Y"))
+    trust(x, y)
+    trust(z, y)
+    trust(y, x, z)
+    now = datetime.now(UTC)
+    bundles = [forge(tmp_path / f"{s.identity.site}.bundle", s, [y],
+                     ship_dir(tmp_path / "src", name=s.identity.site), now=now)
+               for s in (x, z)]
+    assert not (y.home / "mlflow.db").exists() and not (y.home / "mlartifacts").exists()
+    procs = [_cli("bundle", "receive", str(b), "--home", str(y.home)) for b in bundles]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    store = ModelStore(y.home)
+    versions = [(v.name, str(v.version)) for name in ("X.pmsi-coder", "Z.pmsi-coder")
+                for v in store.client.search_model_versions(f"name = '{name}'")]
+    assert sorted(versions) == [("X.pmsi-coder", "1"), ("Z.pmsi-coder", "1")]
+    with Ledger(ledger_url(y.home), "Y") as ledger:
+        received = ledger.records(kind=RecordKind.BUNDLE_RECEIVED)
+    assert sorted(r.fields["from"] for r in received) == ["X", "Z"]
+    verify_site(y.home)
+    assert list((y.home / ".receiving").iterdir()) == []
+    assert _plaintext_outside(tmp_path, y.home) == []
