@@ -346,7 +346,7 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
                                    "signature": "A" * _SIGNATURE_CHARS}))
 
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".partial",
-                               dir=out.resolve().parent)
+                               dir=out.absolute().parent)  # beside --out itself
     recorded = False
     try:
         with os.fdopen(fd, "wb", buffering=0) as raw:
