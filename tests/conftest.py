@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,21 +108,20 @@ def postgres_db() -> Iterator[str]:
         admin.close()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(postgres_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` process with the PostgreSQL backend store."""
-    artifacts = tmp_path_factory.mktemp("mlflow-server-artifacts")
+@contextmanager
+def running_mlflow_server(backend_uri: str, logs: Path, *extra: str,
+                          start_seconds: float = 180, stop_seconds: float = 20) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 over ``backend_uri``, until the block ends."""
     port = _free_port()
-    log = (tmp_path_factory.mktemp("mlflow-server") / "server.log").open("w")
+    log = (logs / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_db,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         *extra, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + start_seconds
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited with {proc.returncode}; see {log.name}")
@@ -132,16 +132,27 @@ def mlflow_server(postgres_db: str, tmp_path_factory: pytest.TempPathFactory) ->
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start in 180 s; see {log.name}")
+                pytest.fail(f"mlflow server did not start in {start_seconds:g} s; "
+                            f"see {log.name}")
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # our own server, by its process id
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=stop_seconds)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` process with the PostgreSQL backend store."""
+    artifacts = tmp_path_factory.mktemp("mlflow-server-artifacts")
+    with running_mlflow_server(postgres_db, tmp_path_factory.mktemp("mlflow-server"),
+                               "--artifacts-destination", str(artifacts)) as url:
+        yield url
 
 
 _screenshots: list[str] = []  # record_property("screenshot", path), also from xdist workers

@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +27,7 @@ from registry.audit.policy import load_policy
 from registry.export import Override
 from registry.store import TAG, ModelStore, VersionRef
 from tests.audit_support import sealed
-from tests.conftest import small_config
+from tests.conftest import running_mlflow_server, small_config
 from transfer.exchange import create_bundle, receive_bundle
 from transfer.i18n import STRINGS, up
 from transfer.identity import init_site, public_identity
@@ -411,45 +407,13 @@ def test_dossier_of_a_version_the_ledger_never_saw_is_bad_input_and_writes_nothi
 # -- MLflow's own UI ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 over site X's own SQLite store."""
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("mlflow-ui") / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{world.x / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:  # noqa: S310
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start in 120 s; see {log.name}")
-            time.sleep(0.5)
+    with running_mlflow_server(f"sqlite:///{world.x / 'mlflow.db'}",
+                               tmp_path_factory.mktemp("mlflow-ui"), start_seconds=120,
+                               stop_seconds=5) as url:
         yield url
-    finally:
-        proc.terminate()  # our own server, by its process id
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 def test_mlflow_ui_shows_the_signature_metrics_and_a_run_name_that_says_what_happened(
