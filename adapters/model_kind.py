@@ -23,9 +23,9 @@ import numpy.typing as npt
 import onnx
 
 from adapters.onnx_tf import parameter_groups
+from passerelle.contract import InputKind
 from passerelle.errors import BadInput
-from registry.model_dir import InputKind
-from registry.vocabulary import Vocabulary
+from passerelle.vocabulary import Vocabulary
 
 DEFAULT_LAYERS = ("hidden", "logits")
 _INT_TYPES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})

@@ -53,7 +53,8 @@ from transfer.acts import Recorder, recorder, subject
 from transfer.records import RecordKind
 
 if TYPE_CHECKING:  # TensorFlow loads with these: imported where fine-tuning runs
-    from adapters.finetune import FinetuneOptions, FinetuneResult
+    from adapters.finetune import FinetuneOptions
+    from passerelle.finetuning import FinetuneResult
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def finetune_model(store: ModelStore, ref: VersionRef, data: Path, options: Fine
     """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune):
     charged and recorded (``finetune_started``) before training, its end recorded
     (``finetune``: finished, failed or interrupted). Needs the site's identity."""
-    from adapters.finetune import finetune_version
+    from passerelle.finetuning import finetune_version
 
     with recorder(store.home) as rec:
         return finetune_version(store, ref, data, options, rec, rng, progress)

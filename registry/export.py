@@ -32,6 +32,8 @@ import numpy.typing as npt
 import onnx
 
 from adapters.onnx_export import OPSET, keras_to_onnx, sklearn_to_onnx
+from adapters.onnx_run import PARITY_TOLERANCE as PARITY_TOLERANCE
+from adapters.onnx_run import run_onnx as run_onnx
 from passerelle import __version__
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, ConversionError, GateRefused, ModelDirError, ParityError
@@ -50,7 +52,6 @@ from registry.store import TAG, ModelStore, VersionInfo, VersionRef
 from registry.tracking import export_metrics
 from registry.vocabulary import Vocabulary
 
-PARITY_TOLERANCE = 1e-4
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
 SHIPPED_FILES = (ONNX_FILE, VOCABULARY, LABELS, CARD_FILE)
@@ -90,17 +91,6 @@ def check_parity(
         top1_agreement=float(np.mean(source.argmax(axis=1) == onnx_out.argmax(axis=1))),
         tolerance=tolerance,
     )
-
-
-def run_onnx(model_bytes: bytes, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """Logits from onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.asarray(session.run(["logits"], {name: inputs})[0], dtype=np.float32)
 
 
 def convert_version(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:

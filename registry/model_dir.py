@@ -21,14 +21,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from passerelle.contract import LABELS as LABELS
+from passerelle.contract import VOCABULARY as VOCABULARY
+from passerelle.contract import InputKind as InputKind
 from passerelle.digests import canonical_json, sha256_bytes, sha256_file
 from passerelle.errors import ModelDirError
 
 FORMAT = "passerelle-model-dir"
 FORMAT_VERSION = 1
 METADATA = "passerelle-model.json"
-VOCABULARY = "vocabulary.json"
-LABELS = "labels.json"
 PARITY_INPUTS = "parity_inputs.npy"
 
 
@@ -39,13 +40,6 @@ class Framework(StrEnum):
     @property
     def model_file(self) -> str:
         return {"keras": "model.keras", "sklearn": "model.skops"}[self.value]
-
-
-class InputKind(StrEnum):
-    """What the model takes: token ids (n, max_len) int32, or token frequencies (n, V)."""
-
-    TOKEN_IDS = "token_ids"  # noqa: S105 - not a password
-    BAG_OF_WORDS = "bag_of_words"
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from passerelle.contract import PrivacyUnit as PrivacyUnit
 from passerelle.errors import BadInput, ModelNotFound, Refused, RegistryError
 from registry.model_dir import ModelDir
 
@@ -36,11 +36,6 @@ RECEIVE_TAG = TAG + "receive"  # on the run of a received model: the local name
 class NameTaken(Refused):
     """A registered model name that holds another model (received models are never
     merged into a local model, nor local ones into a received model)."""
-
-
-class PrivacyUnit(StrEnum):
-    PATIENT = "patient"
-    STAY = "stay"
 
 
 @dataclass(frozen=True)
