@@ -231,7 +231,7 @@ def finetune_options(**kwargs: Any) -> FinetuneOptions:
 def finetune_model(store: ModelStore, ref: VersionRef, data: Path, options: FinetuneOptions,
                    rng: np.random.Generator | None = None,
                    progress: Progress | None = None) -> FinetuneResult:
-    """DP-SGD fine-tuning of a received version on the site's corpus (adapters.finetune):
+    """DP-SGD fine-tuning of a received version on the site's corpus (passerelle.finetuning):
     charged and recorded (``finetune_started``) before training, its end recorded
     (``finetune``: finished, failed or interrupted). Needs the site's identity."""
     from passerelle.finetuning import finetune_version
