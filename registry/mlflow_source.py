@@ -65,12 +65,13 @@ _PICKLE_FLAVORS = {
 _PICKLE_ADVICE = ("is a pickle flavor; log it with serialization_format='skops', or as ONNX "
                   "(mlflow.onnx)")
 
-_NAME = r"[^/@\s][^/@]{0,255}"
-_MODEL_VERSION = re.compile(rf"^models:/({_NAME})/([0-9]{{1,10}}|latest)$", re.IGNORECASE)
-_MODEL_ALIAS = re.compile(rf"^models:/({_NAME})@([A-Za-z0-9_-]{{1,255}})$")
-_MODEL_ID = re.compile(r"^models:/(m-[A-Za-z0-9]{1,64})$")
-_MODEL_STAGE = re.compile(rf"^models:/({_NAME})/([A-Za-z]+)$")
-_RUN = re.compile(r"^runs:/([A-Za-z0-9_-]{1,64})/([A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*)$")
+# All matched whole (fullmatch): "$" would let a trailing newline through.
+_NAME = r"[^/@\s][^/@\x00-\x1f\x7f]{0,255}"
+_MODEL_VERSION = re.compile(rf"models:/({_NAME})/([0-9]{{1,10}}|[Ll][Aa][Tt][Ee][Ss][Tt])")
+_MODEL_ALIAS = re.compile(rf"models:/({_NAME})@([A-Za-z0-9_-]{{1,255}})")
+_MODEL_ID = re.compile(r"models:/(m-[A-Za-z0-9]{1,64})")
+_MODEL_STAGE = re.compile(rf"models:/({_NAME})/([A-Za-z]+)")
+_RUN = re.compile(r"runs:/([A-Za-z0-9_-]{1,64})/([A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*)")
 _SEGMENT_BAD = {"", ".", ".."}
 
 _ENV = {
@@ -157,13 +158,13 @@ def _tracking_uri(given: str | None) -> str:
 
 
 def _check_uri_form(uri: str) -> None:
-    if _MODEL_VERSION.match(uri) or _MODEL_ALIAS.match(uri) or _MODEL_ID.match(uri):
+    if _MODEL_VERSION.fullmatch(uri) or _MODEL_ALIAS.fullmatch(uri) or _MODEL_ID.fullmatch(uri):
         return
-    if m := _MODEL_STAGE.match(uri):
+    if m := _MODEL_STAGE.fullmatch(uri):
         raise BadInput(f"{uri}: stage {m.group(2)!r} is not accepted (MLflow stages are "
                        f"deprecated); give models:/{m.group(1)}/VERSION or models:/"
                        f"{m.group(1)}@ALIAS")
-    if (m := _RUN.match(uri)) and not (set(m.group(2).split("/")) & _SEGMENT_BAD):
+    if (m := _RUN.fullmatch(uri)) and not (set(m.group(2).split("/")) & _SEGMENT_BAD):
         return
     raise BadInput(f"{uri!r} is not an MLflow model URI: give models:/NAME/VERSION, "
                    "models:/NAME@ALIAS, models:/m-MODEL_ID or runs:/RUN_ID/PATH")
@@ -223,21 +224,21 @@ def _first_line(text: str) -> str:
 # -- resolution -------------------------------------------------------------------------
 
 def _locate(client: Any, uri: str, tracking: str, where: str) -> _Located:
-    if m := _MODEL_ID.match(uri):
+    if m := _MODEL_ID.fullmatch(uri):
         return _logged_model(client, m.group(1), uri, tracking, where)
-    if m := _MODEL_ALIAS.match(uri):
+    if m := _MODEL_ALIAS.fullmatch(uri):
         name = m.group(1)
         client.get_registered_model(name)  # an unknown name says so, not "alias not found"
         version = client.get_model_version_by_alias(name, m.group(2))
         return _model_version(client, name, str(version.version), tracking, where)
-    if m := _MODEL_VERSION.match(uri):
+    if m := _MODEL_VERSION.fullmatch(uri):
         name, version = m.group(1), m.group(2)
         if version.lower() == "latest":
             version = _latest_version(client, name, where)
         else:
             client.get_registered_model(name)
         return _model_version(client, name, str(int(version)), tracking, where)
-    m = _RUN.match(uri)
+    m = _RUN.fullmatch(uri)
     assert m is not None  # noqa: S101  (_check_uri_form let only these four forms through)
     return _run_model(client, m.group(1), m.group(2), tracking, where)
 
@@ -257,7 +258,7 @@ def _latest_version(client: Any, name: str, where: str) -> str:
 def _model_version(client: Any, name: str, version: str, tracking: str,
                    where: str) -> _Located:
     mv = client.get_model_version(name, version)
-    if str(mv.status) not in ("READY", "1"):  # ModelVersionStatus READY, as a name or a number
+    if str(mv.status) != "READY":
         raise BadInput(f"{where}: version {version} of {name!r} is not ready ({mv.status})")
     resolved = f"models:/{name}/{mv.version}"
     # MLflow 3 leaves ModelVersion.model_id empty on a SQLite store; its source says it.
@@ -302,7 +303,7 @@ def _run_model(client: Any, run_id: str, path: str, tracking: str, where: str) -
 
 
 def _model_id_of(source: str) -> str | None:
-    m = _MODEL_ID.match(source)
+    m = _MODEL_ID.fullmatch(source)
     return m.group(1) if m else None
 
 
@@ -453,8 +454,6 @@ class _Fetcher:
             if not (path / "saved_model.pb").is_file():
                 raise BadInput(f"{self.where}: {data}/model holds no saved_model.pb")
             return path
-        if entries.get("model") is False:  # save_format="keras" on TF < 2.16: no extension
-            return self.file(f"{data}/model")
         if "model.h5" in entries:
             raise BadInput(f"{self.where}: the Keras model is an HDF5 file (save_format='h5'), "
                            "which Passerelle does not take; log it with save_format 'tf' "
@@ -494,11 +493,8 @@ def _finish(path: Path, framework: Framework, where: str) -> Path:
     """Make the chosen file stand alone where loaders expect it."""
     if framework == "onnx":
         return _inline_onnx(path, where)
-    if framework == "keras" and path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise BadInput(f"{where}: {path.name} is not a .keras archive")
-        if path.suffix != ".keras":
-            path = path.rename(path.with_name(path.name + ".keras"))
+    if framework == "keras" and path.is_file() and not zipfile.is_zipfile(path):
+        raise BadInput(f"{where}: {path.name} is not a .keras archive")
     return path
 
 

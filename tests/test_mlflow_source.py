@@ -108,6 +108,7 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
     """A vendor's SQLite MLflow with each flavor logged, registered and aliased."""
     import mlflow
     import skops.io
+    import tensorflow as tf
 
     root = tmp_path_factory.mktemp("vendor-mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -130,6 +131,12 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
                 mlflow.sklearn.log_model(sk_model, name=fmt, serialization_format=fmt,
                                          pip_requirements=REQS,
                                          registered_model_name=f"vendor-{fmt}")
+
+            mlflow.tensorflow.log_model(keras_model, name="h5", pip_requirements=REQS,
+                                        keras_model_kwargs={"save_format": "h5"},
+                                        registered_model_name="vendor-h5")
+            mlflow.tensorflow.log_model(tf.Module(), name="module", pip_requirements=REQS,
+                                        registered_model_name="vendor-tf-module")
 
             class Echo(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
                 def predict(self, context: Any, model_input: Any) -> Any:
@@ -241,15 +248,45 @@ def test_onnx_is_taken_over_sklearn_when_a_model_has_both_flavors(
     mlmodel = Model.load(folder / "MLmodel")
     mlmodel.add_flavor("sklearn", pickled_model="model.skops", serialization_format="skops")
     mlmodel.save(folder / "MLmodel")
+    run_id = log_folder(vendor, folder, "both")
+    got = resolve(vendor, f"runs:/{run_id}/both", tmp_path / "src")
+    assert (got.framework, got.flavor, got.uri) == ("onnx", "onnx", f"runs:/{run_id}/both")
+    assert files_under(tmp_path / "src") == ["MLmodel", "model.onnx"]
+    np.testing.assert_allclose(onnx_logits(got.path), onnx_logits(vendor.onnx), rtol=1e-6)
+
+
+def log_folder(vendor: Vendor, folder: Path, name: str) -> str:
+    """Log a model folder as plain run artifacts (the MLflow 2 way); returns the run id."""
+    import mlflow
+
     experiment = mlflow.MlflowClient(vendor.uri).get_experiment_by_name("vendor")
     assert experiment is not None
     with logging_to(vendor.uri), mlflow.start_run(experiment_id=experiment.experiment_id) as run:
-        mlflow.log_artifacts(str(folder), artifact_path="both")
-    got = resolve(vendor, f"runs:/{run.info.run_id}/both", tmp_path / "src")
-    assert (got.framework, got.flavor, got.uri) == ("onnx", "onnx",
-                                                    f"runs:/{run.info.run_id}/both")
-    assert files_under(tmp_path / "src") == ["MLmodel", "model.onnx"]
-    np.testing.assert_allclose(onnx_logits(got.path), onnx_logits(vendor.onnx), rtol=1e-6)
+        mlflow.log_artifacts(str(folder), artifact_path=name)
+    return str(run.info.run_id)
+
+
+def test_a_keras_flavor_dot_keras_file_is_taken(vendor: Vendor, tmp_path: Path) -> None:
+    """The layout mlflow.keras writes with Keras 3 (data/model.keras; with Keras 2.15 it
+    writes the tensorflow flavor), here with a .keras file Keras 2.15 can read."""
+    import tensorflow as tf
+    from mlflow.models import Model
+
+    folder = tmp_path / "k3"
+    (folder / "data").mkdir(parents=True)
+    vendor.keras.save(folder / "data" / "model.keras")
+    mlmodel = Model()
+    mlmodel.add_flavor("keras", data="data", keras_version="3.0.0", keras_backend="tensorflow",
+                       save_exported_model=False)
+    mlmodel.save(folder / "MLmodel")
+    run_id = log_folder(vendor, folder, "k3")
+    got = resolve(vendor, f"runs:/{run_id}/k3", tmp_path / "src")
+    assert (got.framework, got.flavor, got.path) == ("keras", "keras",
+                                                     tmp_path / "src" / "data" / "model.keras")
+    assert files_under(tmp_path / "src") == ["MLmodel", "data/model.keras"]
+    loaded = tf.keras.models.load_model(got.path)
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), vendor.keras.predict(X, verbose=0),
+                               atol=1e-6)
 
 
 def test_the_tracking_uri_defaults_to_the_environment(
@@ -287,6 +324,16 @@ def test_pickle_flavors_are_refused(vendor: Vendor, tmp_path: Path, name: str,
                             "or as ONNX (mlflow.onnx)")
 
 
+@pytest.mark.parametrize(("name", "says"), [
+    ("vendor-h5", "HDF5 file (save_format='h5')"),
+    ("vendor-tf-module", "holds a tf2-module model, not a Keras model"),
+])
+def test_tensorflow_models_that_are_not_keras_2_savedmodels_are_refused(
+    vendor: Vendor, tmp_path: Path, name: str, says: str,
+) -> None:
+    assert says in refused(vendor, f"models:/{name}/1", tmp_path / "src")
+
+
 @pytest.mark.parametrize(("uri", "says"), [
     ("models:/no-such-model/1", "Registered Model with name=no-such-model not found"),
     ("models:/vendor-keras/9", "(name=vendor-keras, version=9) not found"),
@@ -316,6 +363,8 @@ def test_a_run_path_that_holds_no_model_is_refused(vendor: Vendor, tmp_path: Pat
     ("runs:/abc", "is not an MLflow model URI"),
     ("runs:/abc/../../etc", "is not an MLflow model URI"),
     ("s3://bucket/model", "is not an MLflow model URI"),
+    ("models:/vendor-keras/1\n", "is not an MLflow model URI"),
+    ("models:/vendor\nkeras/1", "is not an MLflow model URI"),
     ("models:/vendor-keras/Production", "stage 'Production' is not accepted"),
 ])
 def test_malformed_uris_and_stages_are_refused_before_mlflow_is_asked(
