@@ -334,6 +334,35 @@ def test_tensorflow_models_that_are_not_keras_2_savedmodels_are_refused(
     assert says in refused(vendor, f"models:/{name}/1", tmp_path / "src")
 
 
+def test_a_pytorch_flavor_is_refused_as_pickle(vendor: Vendor, tmp_path: Path) -> None:
+    """An MLmodel as mlflow.pytorch writes it (torch is not a dependency: written here)."""
+    from mlflow.models import Model
+
+    folder = tmp_path / "torch"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "model.pth").write_bytes(b"not read")
+    mlmodel = Model()
+    mlmodel.add_flavor("pytorch", model_data="data", pytorch_version="2.5.0")
+    mlmodel.add_flavor("python_function", loader_module="mlflow.pytorch", data="data")
+    mlmodel.save(folder / "MLmodel")
+    run_id = log_folder(vendor, folder, "torch")
+    message = refused(vendor, f"runs:/{run_id}/torch", tmp_path / "src")
+    assert "the pytorch flavor" in message and message.endswith(
+        "is a pickle flavor; log it with serialization_format='skops', or as ONNX (mlflow.onnx)")
+
+
+def test_a_logged_model_whose_logging_did_not_finish_is_refused(vendor: Vendor,
+                                                                tmp_path: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(vendor.uri)
+    experiment = client.get_experiment_by_name("vendor")
+    assert experiment is not None
+    pending = client.create_logged_model(experiment.experiment_id, name="half-logged")
+    assert "is PENDING, not READY" in refused(vendor, f"models:/{pending.model_id}",
+                                              tmp_path / "src")
+
+
 @pytest.mark.parametrize(("uri", "says"), [
     ("models:/no-such-model/1", "Registered Model with name=no-such-model not found"),
     ("models:/vendor-keras/9", "(name=vendor-keras, version=9) not found"),
@@ -439,3 +468,14 @@ def test_a_model_version_is_resolved_through_an_mlflow_server_on_postgres(
     with pytest.raises(BadInput, match="not found"):
         resolve_mlflow_source("models:/server-skops/99", mlflow_server, missing)
     assert not missing.exists()
+
+    # A server whose artifact location is a path on the caller's machine does not get to
+    # make the caller copy its own files.
+    client = mlflow.MlflowClient(mlflow_server)
+    local = tmp_path / "this-machine"
+    exp_local = client.create_experiment("vendor-local-path", artifact_location=local.as_uri())
+    planted = client.create_logged_model(exp_local, name="planted")
+    client.finalize_logged_model(planted.model_id, "READY")
+    with pytest.raises(BadInput, match="gives a local path as the artifact location"):
+        resolve_mlflow_source(f"models:/{planted.model_id}", mlflow_server, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
