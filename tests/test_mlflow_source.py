@@ -253,6 +253,11 @@ def test_onnx_is_taken_over_sklearn_when_a_model_has_both_flavors(
     assert (got.framework, got.flavor, got.uri) == ("onnx", "onnx", f"runs:/{run_id}/both")
     assert files_under(tmp_path / "src") == ["MLmodel", "model.onnx"]
     np.testing.assert_allclose(onnx_logits(got.path), onnx_logits(vendor.onnx), rtol=1e-6)
+    # Registered from those run artifacts (no LoggedModel, no model id): the same files.
+    with logging_to(vendor.uri):
+        mlflow.register_model(f"runs:/{run_id}/both", "vendor-both")
+    registered = resolve(vendor, "models:/vendor-both/1", tmp_path / "reg")
+    assert (registered.uri, registered.digest) == ("models:/vendor-both/1", got.digest)
 
 
 def log_folder(vendor: Vendor, folder: Path, name: str) -> str:
