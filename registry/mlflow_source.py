@@ -129,15 +129,17 @@ def resolve_mlflow_source(uri: str, tracking_uri: str | None, dst: Path) -> Reso
         with _mlflow_env(), _mlflow_errors(where):
             from mlflow import MlflowClient
 
-            for name in ("mlflow", "alembic", "urllib3"):
-                logging.getLogger(name).setLevel(logging.ERROR)
             client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+            # (1) the URI -> a version -> its LoggedModel (or run artifacts): where files are
             located = _locate(client, uri, tracking, where)
+            # (2) MLmodel, read as data; (3) one flavor chosen or the model refused
             fetcher = _Fetcher(located.root, tracking, dst, where)
             flavors = _read_mlmodel(fetcher.download("MLmodel"), where)
             choice = _choose(flavors, where)
+            # (4) that flavor's files only; the digest of what MLflow served
             path = choice.fetch(fetcher)
             digest = _tree_digest(dst, where)
+            # (5) the file made to stand alone (ONNX external data inlined)
             path = _finish(path, choice.framework, where)
         _log.info("%s: flavors %s, took %s", where, ", ".join(sorted(flavors)), choice.flavor)
         return ResolvedSource(path=path, framework=choice.framework, flavor=choice.flavor,
@@ -185,13 +187,22 @@ def _check_store_exists(tracking: str, where: str) -> None:
 
 @contextmanager
 def _mlflow_env() -> Iterator[None]:
-    """Short HTTP timeouts, no progress bars, for this call only (the user's values win)."""
+    """Short HTTP timeouts, no progress bars, quiet loggers, for this call only (the
+    user's environment values win)."""
     added = [key for key in _ENV if key not in os.environ]
     for key in added:
         os.environ[key] = _ENV[key]
+    import mlflow  # noqa: F401  (configures its loggers when first imported: before ours)
+
+    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic", "urllib3")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)  # retries and INFO lines would go to stderr
     try:
         yield
     finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
         for key in added:
             os.environ.pop(key, None)
 

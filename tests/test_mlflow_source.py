@@ -192,11 +192,13 @@ def test_an_alias_and_latest_resolve_to_concrete_versions_of_the_same_files(
 
 
 def test_a_logged_model_id_resolves_to_its_skops_file_with_no_untrusted_types(
-    vendor: Vendor, tmp_path: Path,
+    vendor: Vendor, tmp_path: Path, capfd: pytest.CaptureFixture[str],
 ) -> None:
     import skops.io
 
+    capfd.readouterr()
     got = resolve(vendor, f"models:/{vendor.sklearn_model_id}", tmp_path / "src")
+    assert capfd.readouterr() == ("", ""), "no progress bars, no log lines"
     assert (got.framework, got.flavor) == ("sklearn", "sklearn")
     assert got.uri == f"models:/{vendor.sklearn_model_id}"
     assert got.path == tmp_path / "src" / "model.skops"
@@ -425,17 +427,19 @@ def test_an_existing_destination_is_refused_and_left_alone(vendor: Vendor,
 
 
 def test_a_server_that_is_down_is_refused_quickly_with_the_password_redacted(
-    tmp_path: Path,
+    tmp_path: Path, capfd: pytest.CaptureFixture[str],
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     tracking = f"http://vendor:s3cret@127.0.0.1:{port}"
+    capfd.readouterr()
     start = time.monotonic()
     with pytest.raises(BadInput) as e:
         resolve_mlflow_source("models:/vendor-keras/1", tracking, tmp_path / "src")
     elapsed = time.monotonic() - start
     message = str(e.value)
+    assert capfd.readouterr() == ("", ""), "no retry warnings on the terminal"
     assert elapsed < 30, f"took {elapsed:.1f} s"
     assert message.startswith(f"models:/vendor-keras/1 (MLflow at http://vendor:***@127.0.0.1:"
                               f"{port}): ")
