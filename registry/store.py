@@ -499,16 +499,17 @@ def _store_errors(uri: str, passthrough: tuple[type[BaseException], ...] = ()) -
         raise
     except MlflowException as e:
         message = str(e.message).splitlines()[0] if e.message else type(e).__name__
-        raise RegistryError(f"model registry at {_redact(uri)}: {message}") from e
+        raise RegistryError(f"model registry at {_redact(uri)}: {_redact(message)}") from e
     except Exception as e:
         if isinstance(e, OSError) or type(e).__module__.startswith(
             ("requests", "urllib3", "sqlalchemy")
         ):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RegistryError(f"model registry at {_redact(uri)}: {first}") from e
+            raise RegistryError(f"model registry at {_redact(uri)}: {_redact(first)}") from e
         raise
 
 
 def _redact(uri: str) -> str:
-    """Drop a password from a URI before it is printed."""
+    """Drop a password from a URI, or from a message that quotes one (MLflow's own errors
+    quote the whole tracking URL), before it is printed."""
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)

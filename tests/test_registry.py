@@ -99,3 +99,18 @@ def test_the_registry_keeps_its_own_copy_of_a_registered_model_directory(
     (model / "labels.json").write_bytes(b"edited by hand after registration")
     assert stored[0].read_bytes() == before  # a copy, not a hard link to the vendor's file
     assert stored[0].stat().st_ino != (model / "labels.json").stat().st_ino
+
+
+def test_a_password_that_mlflow_quotes_in_its_own_error_is_redacted() -> None:
+    """MLflow's errors quote the whole tracking URL, password included: the one-line
+    error keeps the user name and the host, never the password."""
+    from mlflow.exceptions import MlflowException
+
+    from passerelle.errors import RegistryError
+    from registry.store import _store_errors
+
+    uri = "http://vendor:s3cret@127.0.0.1:9"
+    with pytest.raises(RegistryError) as caught, _store_errors(uri):
+        raise MlflowException(f"API request to {uri}/api/2.0/mlflow/runs/get failed")
+    assert "s3cret" not in str(caught.value)
+    assert "vendor:***@127.0.0.1:9/api" in str(caught.value)
