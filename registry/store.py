@@ -192,6 +192,12 @@ class ModelStore:
             TAG + "architecture": model_dir.metadata.architecture,
             TAG + "model_dir_digest": model_dir.digest,
         }
+        meta = model_dir.metadata
+        if meta.onnx_digest is not None:  # v2: what the model directory says it ships
+            tags |= {TAG + "input_kind": meta.input_kind.value,
+                     TAG + "input_dtype": meta.dtype.value,
+                     TAG + "source_kind": str(meta.source.get("kind", "")),
+                     TAG + "registered_onnx_digest": meta.onnx_digest}
         from registry.tracking import accuracy_metrics
 
         return self._new_version(name, f"register {name} (trained at "
