@@ -135,6 +135,7 @@ def register_model(
     text = str(model_path)
     if not text.startswith(("models:/", "runs:/")) and not Path(text).exists():
         raise BadInput(f"{text}: no such folder or file")
+    _preflight(store)
     with _staging(store.home) as staging:
         source = _source_of(text, staging, tracking_uri)
         site = None
@@ -144,6 +145,19 @@ def register_model(
                                     data, custom_objects)
         return _register_dir(store, model_dir, name, purpose, legal_basis, controller,
                              privacy_unit)
+
+
+def _preflight(store: ModelStore) -> None:
+    """The MLflow store and the ledger answer, before the intake's long work (which
+    loads and runs the model); nothing is created for it."""
+    from transfer.acts import has_ledger
+    from transfer.ledger import LEDGER_FILE, URL_ENV
+
+    store.check_reachable()
+    if has_ledger(store.home) and (os.environ.get(URL_ENV)
+                                   or (store.home / LEDGER_FILE).exists()):
+        with recorder(store.home):
+            pass
 
 
 def _source_of(text: str, staging: Path, tracking_uri: str | None) -> Source:

@@ -158,6 +158,15 @@ class ModelStore:
         return (self.uri == f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
                 and not (self.home / "mlflow.db").exists())
 
+    def check_reachable(self) -> None:
+        """Reach the store now with one cheap request (RegistryError if it cannot be), so a
+        long step finds a server that is down first; this home's SQLite store that does
+        not exist yet is not created to say so."""
+        if self._absent():
+            return
+        with _store_errors(self.uri):
+            self._client.search_registered_models(max_results=1)
+
     @property
     def display_uri(self) -> str:
         """The store's URI with any password replaced, fit to print."""

@@ -38,7 +38,7 @@ from transfer.identity import init_site
 
 pytestmark = pytest.mark.slow
 
-HELDOUT = {"fraction": 0.25, "seed": 0}
+HELDOUT: dict[str, Any] = {"fraction": 0.25, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,20 @@ def conv1d_file(vendor: Vendor) -> Path:
 
 
 @pytest.fixture(scope="module")
+def transformer_file(vendor: Vendor) -> Path:
+    path = vendor.folder / "transformer.keras"
+    keras_trained(vm.keras_transformer, vendor).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bigru_file(vendor: Vendor) -> Path:
+    path = vendor.folder / "bigru.keras"
+    keras_trained(vm.keras_bigru, vendor).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def torch_file(vendor: Vendor) -> Path:
     path = vendor.folder / "torch_conv.onnx"
     onnx.save(vm.torch_conv_classifier(), str(path))
@@ -172,6 +186,8 @@ def _v2_dir(home: Path, tmp_path: Path, ref: VersionRef) -> Any:
 
 @pytest.mark.parametrize(("source", "kind", "dtype", "framework", "model_file"), [
     ("conv1d_file", "token_ids", "int32", "keras", "model.keras"),
+    ("transformer_file", "token_ids", "int32", "keras", "model.keras"),
+    ("bigru_file", "token_ids", "int32", "keras", "model.keras"),
     ("torch_file", "token_ids", "int64", "onnx", "source.onnx"),
     ("skops_file", "bag_of_words", "float32", "sklearn", "model.skops"),
 ])
@@ -293,3 +309,89 @@ def test_bad_vendor_input_is_one_error_line_and_registers_nothing(
         assert len(err) == 1 and err[0].startswith("error:"), (what, err)
     assert snapshot(site_home) == before  # no MLflow store, no ledger record, no staging
     assert ledger_rows(site_home / "site" / "ledger.db") == []
+
+
+@pytest.fixture(scope="module")
+def receiving_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another hospital's stays (the same case mix, other patients)."""
+    out = tmp_path_factory.mktemp("receiving") / "corpus"
+    steps.generate_corpus("X", 600, 9, 0, out)
+    return out
+
+
+@pytest.mark.parametrize(("source", "dtype"), [("conv1d_file", "int32"),
+                                               ("torch_file", "int64")])
+def test_a_vendors_model_travels_and_finetunes_at_the_receiving_site(
+        source: str, dtype: str, request: pytest.FixtureRequest, vendor: Vendor,
+        receiving_corpus: Path, site_home: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path: Path = request.getfixturevalue(source)
+    doc = _register_ok(site_home, path, manifest(vendor, source, dtype=dtype), vendor,
+                       capsys)
+    ref = f"vendor/{doc['version']}"
+    assert main(["model", "export", ref, "--out", str(tmp_path / "export"), "--home",
+                 str(site_home), *OVERRIDE_ARGS]) == 0
+    home_y = tmp_path / "home-y"
+    init_site(home_y, "CH-Y")
+    for home, other, name in ((site_home, home_y, "y"), (home_y, site_home, "x")):
+        assert main(["site", "show", "--home", str(other), "--out",
+                     str(tmp_path / f"{name}.id")]) == 0
+        assert main(["trust", "add", str(tmp_path / f"{name}.id"), "--home", str(home)]) == 0
+    bundle = tmp_path / "vendor.bundle"
+    assert main(["bundle", "create", ref, "--to", "CH-Y", "--out", str(bundle), "--home",
+                 str(site_home)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["bundle", "receive", str(bundle), "--home", str(home_y), "--json"]) == 0
+    received = json.loads(capsys.readouterr().out)
+    card = json.loads((Path(received["directory"]) / "model" / "model_card.json").read_text())
+    assert card["preprocessing"]["input_dtype"] == dtype
+
+    code = main(["finetune", f"{received['model']}/{received['version']}", "--data",
+                 str(receiving_corpus), "--drop-unknown-codes", "--heldout-fraction", "0.3",
+                 "--epsilon", "3", "--delta", "1e-5", "--epochs", "2", "--batch-size", "16",
+                 "--seed", "1", "--home", str(home_y), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    tuned = json.loads(out.out)
+    assert tuned["epsilon_pld"] <= 3.0 and tuned["input_kind"] == "token_ids"
+    store = ModelStore(home_y)
+    info = store.get(VersionRef(received["model"], tuned["version"]))
+    model = store.download(info, "onnx", tmp_path / "tuned")
+    proto = onnx.load(str(model / "model.onnx"), load_external_data=False)
+    assert proto.graph.input[0].type.tensor_type.elem_type == (
+        onnx.TensorProto.INT64 if dtype == "int64" else onnx.TensorProto.INT32)
+    before = onnx.load(str(tmp_path / "export" / "model.onnx"))
+    moved = [t.name for t, b in zip(proto.graph.initializer, before.graph.initializer,
+                                    strict=True)
+             if not np.array_equal(onnx.numpy_helper.to_array(t),
+                                   onnx.numpy_helper.to_array(b))]
+    assert moved, "no weight moved"
+
+
+@pytest.mark.parametrize(("source", "kind", "dtype", "width"), [
+    ("conv1d_file", "token_ids", "int32", vm.MAX_LEN),
+    ("torch_file", "token_ids", "int64", vm.MAX_LEN),
+    ("skops_file", "bag_of_words", "float32", vm.VOCAB),
+])
+def test_init_manifest_reads_the_models_input_and_output_and_the_result_registers(
+        source: str, kind: str, dtype: str, width: int, request: pytest.FixtureRequest,
+        vendor: Vendor, site_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path: Path = request.getfixturevalue(source)
+    out = vendor.folder / f"{source}.init.json"
+    assert main(["model", "init-manifest", str(path), "--out", str(out), "--force",
+                 "--json"]) == 0, capsys.readouterr().err
+    found = json.loads(capsys.readouterr().out)
+    assert (found["input_width"], found["output_width"]) == (width, vm.CLASSES)
+    doc = json.loads(out.read_text())
+    assert doc == found["manifest"]
+    assert (doc["input"]["kind"], doc["input"]["dtype"]) == (kind, dtype)
+    assert doc["training"] == {"heldout": None, "steps": None, "recipe": None}
+    # without --force an existing manifest is kept
+    assert main(["model", "init-manifest", str(path), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    registered = _register_ok(site_home, path, out, vendor, capsys)
+    assert registered["tags"][TAG + "input_kind"] == kind
+    model_dir = _v2_dir(site_home, site_home.parent, VersionRef("vendor", "1"))
+    # trained on all of --data (heldout null): the parity stays are a keyed sample of it
+    assert model_dir.metadata.training["heldout_stays"] == 0
+    assert len(np.load(model_dir.path / PARITY_INPUTS)) == 256
