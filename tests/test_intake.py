@@ -166,7 +166,7 @@ def register(home: Path, source: Path | str, man: Path | None, data: Path | None
     return code, "", ""
 
 
-def _register_ok(home: Path, source: Path, man: Path, vendor: Vendor,
+def _register_ok(home: Path, source: Path | str, man: Path, vendor: Vendor,
                  capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]:
     code = register(home, source, man, vendor.data, *extra)[0]
     out = capsys.readouterr()
@@ -395,3 +395,35 @@ def test_init_manifest_reads_the_models_input_and_output_and_the_result_register
     # trained on all of --data (heldout null): the parity stays are a keyed sample of it
     assert model_dir.metadata.training["heldout_stays"] == 0
     assert len(np.load(model_dir.path / PARITY_INPUTS)) == 256
+
+
+def test_a_model_of_the_vendors_own_mlflow_registers_from_its_models_uri(
+        vendor: Vendor, site_home: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'vendor-mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("vendor", artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=exp):
+            mlflow.onnx.log_model(vm.torch_conv_classifier(), name="onnx",
+                                  pip_requirements=["mlflow"],
+                                  registered_model_name="vendor-torch")
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    capsys.readouterr()
+    doc = _register_ok(site_home, "models:/vendor-torch/1",
+                       manifest(vendor, "torch-mlflow", dtype="int64"), vendor, capsys,
+                       "--from-tracking-uri", uri)
+    assert doc["tags"][TAG + "source_kind"] == "mlflow"
+    model_dir = _v2_dir(site_home, tmp_path, VersionRef("vendor", doc["version"]))
+    source = model_dir.metadata.source
+    assert source["kind"] == "mlflow" and source["flavor"] == "onnx"
+    assert source["uri"].startswith("models:/vendor-torch/1")
+    assert source["digest"].startswith("sha256:")
+    assert model_dir.metadata.framework.value == "onnx"
+    assert not (site_home / ".intake").exists()
