@@ -105,8 +105,7 @@ def _load_keras(path: Path, custom: dict[str, Any]) -> Any:
                                           custom_objects=custom or None)
     except Exception as e:  # Keras raises anything from ValueError to TypeError
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = ("; a custom layer needs --custom-objects module:Name"
-                if "custom" in str(e).lower() or "unknown" in str(e).lower() else "")
+        hint = "" if custom else " (a custom layer needs --custom-objects module:Name)"
         raise BadInput(f"{path.name}: the Keras model cannot be loaded: {first[:300]}{hint}"
                        ) from e
 

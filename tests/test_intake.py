@@ -131,6 +131,34 @@ def bigru_file(vendor: Vendor) -> Path:
 
 
 @pytest.fixture(scope="module")
+def savedmodel_dir(vendor: Vendor) -> Path:
+    path = vendor.folder / "conv1d-savedmodel"
+    keras_trained(vm.keras_conv1d, vendor, epochs=1).save(path, save_format="tf")
+    return path
+
+
+def keras_custom() -> Any:
+    """Embedding -> mean -> a custom Scale layer -> Dense logits."""
+    import tensorflow as tf
+
+    from tests.custom_layers import Scale
+
+    tf.keras.utils.set_random_seed(0)
+    ids = tf.keras.Input((vm.MAX_LEN,), dtype="int32", name="token_ids")
+    h = tf.keras.layers.Embedding(vm.VOCAB, vm.EMBED, name="embedding")(ids)
+    h = tf.keras.layers.GlobalAveragePooling1D(name="mean")(h)
+    h = Scale(3.0, name="scale")(h)
+    return tf.keras.Model(ids, tf.keras.layers.Dense(vm.CLASSES, name="logits")(h))
+
+
+@pytest.fixture(scope="module")
+def custom_file(vendor: Vendor) -> Path:
+    path = vendor.folder / "custom.keras"
+    keras_trained(keras_custom, vendor, epochs=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def torch_file(vendor: Vendor) -> Path:
     path = vendor.folder / "torch_conv.onnx"
     onnx.save(vm.torch_conv_classifier(), str(path))
@@ -188,6 +216,7 @@ def _v2_dir(home: Path, tmp_path: Path, ref: VersionRef) -> Any:
     ("conv1d_file", "token_ids", "int32", "keras", "model.keras"),
     ("transformer_file", "token_ids", "int32", "keras", "model.keras"),
     ("bigru_file", "token_ids", "int32", "keras", "model.keras"),
+    ("savedmodel_dir", "token_ids", "int32", "keras", "savedmodel/saved_model.pb"),
     ("torch_file", "token_ids", "int64", "onnx", "source.onnx"),
     ("skops_file", "bag_of_words", "float32", "sklearn", "model.skops"),
 ])
@@ -212,6 +241,7 @@ def test_a_vendors_model_registers_with_its_parity_reference_and_exports(
         (framework, kind, dtype)
     assert meta.codes == vendor.codes
     assert meta.source["kind"] == "file" and meta.source["path"] == path.name
+    assert meta.source["digest"].startswith("sha256:")
     assert meta.training["heldout"] == HELDOUT and meta.training["steps"] == 30
     assert meta.training["site"] == "CHU-X"
     assert model_file in meta.files
@@ -427,3 +457,21 @@ def test_a_model_of_the_vendors_own_mlflow_registers_from_its_models_uri(
     assert source["digest"].startswith("sha256:")
     assert model_dir.metadata.framework.value == "onnx"
     assert not (site_home / ".intake").exists()
+
+
+def test_a_custom_layer_loads_only_with_custom_objects_and_safe_mode_stays_on(
+        vendor: Vendor, custom_file: Path, site_home: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    man = manifest(vendor, "custom")
+    before = snapshot(site_home)
+    assert register(site_home, custom_file, man, vendor.data)[0] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--custom-objects module:Name" in err[0], err
+    assert register(site_home, custom_file, man, vendor.data, "--custom-objects",
+                    "tests.custom_layers:Nope")[0] == 2
+    assert "has no 'Nope'" in capsys.readouterr().err
+    assert snapshot(site_home) == before
+    doc = _register_ok(site_home, custom_file, man, vendor, capsys, "--custom-objects",
+                       "tests.custom_layers:Scale")
+    assert main(["model", "export", f"vendor/{doc['version']}", "--out",
+                 str(tmp_path / "e"), "--home", str(site_home), *OVERRIDE_ARGS]) == 0
