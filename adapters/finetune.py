@@ -45,6 +45,7 @@ from adapters.errors import UnknownParameter
 from adapters.model_kind import (
     default_trainable,
     encode,
+    input_dtype_of,
     input_kind_of,
     refuse_untrainable,
     weight_names,
@@ -127,7 +128,8 @@ def heldout_patients(key: bytes, patient_ids: Collection[str],
 
 def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: PrivacyUnit,
                    heldout_fraction: float, key: bytes, drop_unknown: bool,
-                   kind: InputKind = InputKind.TOKEN_IDS) -> SiteData:
+                   kind: InputKind = InputKind.TOKEN_IDS,
+                   dtype: str | None = None) -> SiteData:
     """Step 2 (``kind``: what the model reads, encoded by the vocabulary's encoders). A
     patient is held out iff keyed_fraction(key, patient id) < fraction: its side never
     moves when other patients are added or removed."""
@@ -146,7 +148,7 @@ def load_site_data(data: Path, vocab: Vocabulary, codes: list[str], unit: Privac
     if not stays:
         raise BadInput(f"{data}: no stay left to train on")
     texts = [select_text(s.sections.as_dict(), vocab.config.sections) for s in stays]
-    x = encode(kind, vocab, texts)
+    x = encode(kind, vocab, texts, dtype)
     y = np.asarray([index[s.main_diagnosis] for s in stays], dtype=np.int64)
     pids = [s.patient_id for s in stays]
     held = heldout_patients(key, pids, heldout_fraction)
@@ -338,6 +340,7 @@ def prepare_model(src: Path, data: Path, options: FinetuneOptions,
     refuse_untrainable(original)
     vocab = Vocabulary.load(src / VOCABULARY)
     kind = input_kind_of(original, vocab, src / CARD_FILE)
+    dtype = input_dtype_of(original, src / CARD_FILE)
     codes = tuple(_codes(src / LABELS))
     addition = (read_code_list(options.add_codes, codes)
                 if options.add_codes is not None else None)
@@ -355,7 +358,8 @@ def prepare_model(src: Path, data: Path, options: FinetuneOptions,
         _check_output_trains(executor, len(codes))
     output = "logits" if "logits" in executor.output_names else executor.output_names[0]
     site = load_site_data(data, vocab, list(codes), options.privacy_unit,
-                          options.heldout_fraction, key, options.drop_unknown_codes, kind)
+                          options.heldout_fraction, key, options.drop_unknown_codes, kind,
+                          dtype)
     model_bytes = proto.SerializeToString()
     codes_parity = None
     if addition is not None:

@@ -84,22 +84,41 @@ def input_kind_of(proto: onnx.ModelProto, vocab: Vocabulary,
     return kind
 
 
-def _card_input_kind(card: Path | None) -> str | None:
+def _card_input_kind(card: Path | None, key: str = "input_kind") -> str | None:
     if card is None or not card.is_file():
         return None
     try:
         doc = json.loads(card.read_text(encoding="utf-8"))
-        value = doc.get("preprocessing", {}).get("input_kind")
+        value = doc.get("preprocessing", {}).get(key)
     except (OSError, ValueError, AttributeError) as e:
         raise BadInput(f"{card.name}: unreadable model card: {e}") from e
     return None if value is None else str(value)
 
 
-def encode(kind: InputKind, vocab: Vocabulary, texts: Sequence[str]) -> npt.NDArray[Any]:
-    """Texts as the model was trained on them (the vocabulary's encoders)."""
-    if kind is InputKind.BAG_OF_WORDS:
-        return vocab.bag_of_words(texts)
-    return vocab.encode(texts)
+_DTYPES: dict[int, str] = {onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT64: "int64",
+           onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
+
+
+def input_dtype_of(proto: onnx.ModelProto, card: Path | None = None) -> str:
+    """The numpy dtype of the graph's input (int64 for a PyTorch export's token ids); a
+    shipped model card's ``preprocessing.input_dtype`` must say the same."""
+    value = _graph_input(proto)
+    dtype = _DTYPES.get(int(value.type.tensor_type.elem_type))
+    if dtype is None:
+        raise BadInput(f"input {value.name!r}: unsupported element type")
+    declared = _card_input_kind(card, "input_dtype")
+    if declared is not None and declared != dtype:
+        raise BadInput(f"the model card says input_dtype {declared!r} but the graph takes "
+                       f"{dtype}")
+    return dtype
+
+
+def encode(kind: InputKind, vocab: Vocabulary, texts: Sequence[str],
+           dtype: str | None = None) -> npt.NDArray[Any]:
+    """Texts as the model was trained on them (the vocabulary's encoders), in the graph's
+    input dtype (``dtype``; default int32 ids, float32 frequencies)."""
+    out = vocab.bag_of_words(texts) if kind is InputKind.BAG_OF_WORDS else vocab.encode(texts)
+    return out if dtype is None else out.astype(dtype)
 
 
 def default_trainable(proto: onnx.ModelProto) -> tuple[str, ...]:

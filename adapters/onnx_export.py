@@ -20,14 +20,16 @@ OPSET = 17
 PRODUCER = "passerelle"
 
 
-def keras_to_onnx(model: Any, max_len: int) -> onnx.ModelProto:
-    """Convert a Keras model taking int32 token ids of shape (batch, max_len)."""
+def keras_to_onnx(model: Any, max_len: int, dtype: str = "int32") -> onnx.ModelProto:
+    """Convert a Keras model taking token ids of shape (batch, max_len) (``dtype`` int32 or
+    int64), or float32 token frequencies of shape (batch, max_len = vocabulary size)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     import tensorflow as tf
     import tf2onnx
 
-    spec = (tf.TensorSpec((None, max_len), tf.int32, name="token_ids"),)
+    name = "bag_of_words" if dtype == "float32" else "token_ids"
+    spec = (tf.TensorSpec((None, max_len), tf.as_dtype(dtype), name=name),)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as e:  # tf2onnx raises anything from ValueError to KeyError

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from passerelle.corpus import (
     write_corpus,
 )
 from passerelle.digests import sha256_file
-from passerelle.errors import BadInput
+from passerelle.errors import BadInput, PasserelleError
 from registry.audit.policy import Policy, pinned_policy_digest
 from registry.audit.reserve import Seal, seal_corpus
 from registry.audit.runner import (
@@ -47,7 +47,9 @@ from registry.coder import (
     train_coder,
 )
 from registry.export import OnnxExport, Override, export_version
-from registry.model_dir import open_model_dir
+from registry.intake import Source, build_model_dir, is_model_train_folder
+from registry.model_dir import Framework, ModelDir
+from registry.sources import framework_of
 from registry.store import TAG, ModelStore, PrivacyUnit, Provenance, VersionInfo, VersionRef
 from transfer.acts import Recorder, recorder, subject
 from transfer.records import RecordKind
@@ -110,20 +112,87 @@ def train_model(
 
 def register_model(
     store: ModelStore,
-    model_path: Path,
+    model_path: Path | str,
     name: str,
     purpose: str,
     legal_basis: str,
     data: Path | None = None,
     controller: str | None = None,
     privacy_unit: PrivacyUnit = PrivacyUnit.PATIENT,
+    *,
+    manifest: Path | None = None,
+    custom_objects: str | None = None,
+    tracking_uri: str | None = None,
 ) -> VersionInfo:
-    """Verify a model directory and register it with its provenance."""
-    model_dir = open_model_dir(model_path)
+    """Turn a model source into a model directory v2 (registry.intake) in a private
+    staging folder of the home, then register it with its provenance and record it.
+
+    ``model_path``: a ``model train`` folder, a .keras file or SavedModel folder, a
+    .skops or .onnx file, or a ``models:/`` / ``runs:/`` URI of the vendor's MLflow
+    (``tracking_uri``). Nothing is logged or recorded unless every check passed."""
+    Provenance(purpose=purpose, legal_basis=legal_basis, data_controller=controller or "-",
+               training_site="-", privacy_unit=privacy_unit,
+               dataset_fingerprint="sha256:" + "0" * 64)  # bad text: before any work
+    text = str(model_path)
+    if not text.startswith(("models:/", "runs:/")) and not Path(text).exists():
+        raise BadInput(f"{text}: no such folder or file")
+    _preflight(store)
+    with _staging(store.home) as staging:
+        source = _source_of(text, staging, tracking_uri)
+        site = None
+        if source.framework is not None:
+            site = _site_name(store.home)
+        model_dir = build_model_dir(source, _mkdir(staging / "model"), site, manifest,
+                                    data, custom_objects)
+        return _register_dir(store, model_dir, name, purpose, legal_basis, controller,
+                             privacy_unit)
+
+
+def _preflight(store: ModelStore) -> None:
+    """The MLflow store and the ledger answer, before the intake's long work (which
+    loads and runs the model); nothing is created for it."""
+    from transfer.acts import has_ledger
+    from transfer.ledger import LEDGER_FILE, URL_ENV
+
+    store.check_reachable()
+    if has_ledger(store.home) and (os.environ.get(URL_ENV)
+                                   or (store.home / LEDGER_FILE).exists()):
+        with recorder(store.home):
+            pass
+
+
+def _source_of(text: str, staging: Path, tracking_uri: str | None) -> Source:
+    if text.startswith(("models:/", "runs:/")):
+        import importlib
+
+        # registry.mlflow_source (resolve_mlflow_source(uri, tracking_uri, dst) ->
+        # ResolvedSource, INTAKE.md) comes from its own branch; imported by name so that
+        # this module type-checks before it lands (then: a plain import).
+        resolve = importlib.import_module("registry.mlflow_source").resolve_mlflow_source
+        resolved = resolve(text, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                           staging / "download")
+        return Source(path=resolved.path, framework=Framework(resolved.framework),
+                      uri=resolved.uri, flavor=resolved.flavor, digest=resolved.digest)
+    path = Path(text)
+    if is_model_train_folder(path):
+        return Source(path=path, framework=None)
+    return Source(path=path, framework=framework_of(path))
+
+
+def _site_name(home: Path) -> str | None:
+    from transfer.identity import public_identity
+
+    try:
+        return str(public_identity(home).site)
+    except PasserelleError:
+        return None
+
+
+def _register_dir(store: ModelStore, model_dir: ModelDir, name: str, purpose: str,
+                  legal_basis: str, controller: str | None,
+                  privacy_unit: PrivacyUnit) -> VersionInfo:
     training = model_dir.metadata.training
     recorded = str(training.get("dataset_fingerprint", ""))
-    if data is not None and manifest_digest(data) != recorded:
-        raise BadInput(f"{model_path} was not trained on {data} (dataset fingerprints differ)")
     site = str(training.get("site", "")) or "unknown"
     provenance = Provenance(
         purpose=purpose,
@@ -133,6 +202,7 @@ def register_model(
         privacy_unit=privacy_unit,
         dataset_fingerprint=recorded,
     )
+    meta = model_dir.metadata
     with recorder(store.home) as rec:
         def record(info: VersionInfo) -> None:
             rec.record(RecordKind.MODEL_REGISTERED,
@@ -143,9 +213,34 @@ def register_model(
                         "data_controller": provenance.data_controller,
                         "training_site": site, "privacy_unit": privacy_unit.value,
                         "dataset_fingerprint": recorded,
-                        "model_dir_digest": model_dir.digest})
+                        "model_dir_digest": model_dir.digest,
+                        "framework": meta.framework.value,
+                        "source": dict(meta.source),
+                        "onnx_digest": meta.onnx_digest})
 
         return store.register(model_dir, name, provenance, record)
+
+
+@contextmanager
+def _staging(home: Path) -> Iterator[Path]:
+    """A private folder inside the home for the intake, removed on every path."""
+    root = home / ".intake"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="register-", dir=root))
+    except OSError as e:
+        raise BadInput(f"{home}: cannot create the intake staging folder: {e.strerror}") from e
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        with suppress(OSError):
+            root.rmdir()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(mode=0o700)
+    return path
 
 
 def export_model(store: ModelStore, ref: VersionRef, out: Path,

@@ -1,18 +1,13 @@
-"""ONNX export of a registered model version, with a numerical parity check.
+"""The one path from a registered version to its shippable ONNX, and the export gate.
 
-Steps (``convert_version``):
+The ONNX was converted once, at registration (registry.intake), from the source model,
+and checked there against the source model's own logits on stays Passerelle encoded.
+:func:`shippable` (used by export, audit and bundle) checks the registered model
+directory and re-runs that parity with onnxruntime; it never loads a source framework.
 
-1. fetch the version's model directory from the registry and verify every file's
-   digest and the directory digest recorded on the version at registration;
-2. load the source-framework model and convert it (adapters.onnx_export);
-3. ``onnx.checker.check_model(full_check=True)``;
-4. parity: source framework and onnxruntime on held-out inputs must agree to
-   ``max |logit difference| <= PARITY_TOLERANCE`` with identical top-1 on every input;
-5. write the shippable directory (model.onnx, vocabulary.json, labels.json,
-   model_card.json) and log it, with tags, on the same model version.
-
-``export_version`` then moves that directory into place atomically. Any failure
-leaves neither a partial output directory nor anything new on the model version.
+``export_version`` then passes the gate and moves the shippable directory into place
+atomically. Any failure leaves neither a partial output directory nor anything new on
+the model version.
 """
 
 from __future__ import annotations
@@ -31,19 +26,19 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from adapters.onnx_export import OPSET, keras_to_onnx, sklearn_to_onnx
+from adapters.onnx_export import OPSET
 from adapters.onnx_run import PARITY_TOLERANCE as PARITY_TOLERANCE
 from adapters.onnx_run import run_onnx as run_onnx
 from passerelle import __version__
-from passerelle.digests import sha256_file
-from passerelle.errors import BadInput, ConversionError, GateRefused, ModelDirError, ParityError
-from registry.coder import Architecture, bag_of_words, load_source_model, source_logits
+from passerelle.digests import sha256_bytes, sha256_file
+from passerelle.errors import BadInput, GateRefused, ModelDirError, ParityError
 from registry.model_dir import (
+    FORMAT_VERSION,
     LABELS,
+    ONNX_MODEL,
     PARITY_INPUTS,
+    PARITY_REFERENCE,
     VOCABULARY,
-    Framework,
-    InputKind,
     ModelDir,
     open_model_dir,
     read_labels,
@@ -52,7 +47,7 @@ from registry.store import TAG, ModelStore, VersionInfo, VersionRef
 from registry.tracking import export_metrics
 from registry.vocabulary import Vocabulary
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = ONNX_MODEL
 CARD_FILE = "model_card.json"
 SHIPPED_FILES = (ONNX_FILE, VOCABULARY, LABELS, CARD_FILE)
 
@@ -93,53 +88,6 @@ def check_parity(
     )
 
 
-def convert_version(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
-    """Steps 1-5 above, in ``workdir``; returns the logged export."""
-    info = store.get(ref)
-    model_dir = fetch_model_dir(store, info, workdir / "source")
-    architecture = Architecture(model_dir.metadata.architecture)
-    vocab = Vocabulary.load(model_dir.path / VOCABULARY)
-    labels = read_labels(model_dir)
-    try:
-        model = load_source_model(model_dir.model_file, model_dir.metadata.framework)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelDirError(f"{ref}: the source model cannot be loaded: {e}") from e
-    proto = _convert(model, model_dir, vocab)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ConversionError(f"{ref}: onnx.checker refused the converted model: {e}") from e
-
-    token_ids = np.load(model_dir.path / PARITY_INPUTS, allow_pickle=False)
-    onnx_in = (bag_of_words(token_ids, len(vocab))
-               if model_dir.metadata.input_kind is InputKind.BAG_OF_WORDS else token_ids)
-    model_bytes = proto.SerializeToString()
-    parity = check_parity(source_logits(model, architecture, vocab, token_ids),
-                          run_onnx(model_bytes, onnx_in))
-    if not parity.passed:
-        raise ParityError(
-            f"{ref}: ONNX parity failed on {parity.inputs} held-out inputs: max |logit diff| "
-            f"{parity.max_abs_diff:.3g} (limit {parity.tolerance:g}), top-1 agreement "
-            f"{parity.top1_agreement:.2%} (must be 100%)"
-        )
-
-    ship = workdir / "ship"
-    ship.mkdir()
-    (ship / ONNX_FILE).write_bytes(model_bytes)
-    shutil.copyfile(model_dir.path / VOCABULARY, ship / VOCABULARY)
-    shutil.copyfile(model_dir.path / LABELS, ship / LABELS)
-    onnx_digest = sha256_file(ship / ONNX_FILE)
-    card = model_card(info, model_dir, proto, parity, onnx_digest, labels, ship)
-    (ship / CARD_FILE).write_text(json.dumps(card, ensure_ascii=False, indent=1) + "\n")
-    store.attach(info, ship, "onnx", {
-        TAG + "onnx_digest": onnx_digest,
-        TAG + "onnx_opset": str(OPSET),
-        TAG + "parity_max_abs_diff": f"{parity.max_abs_diff:.6g}",
-        TAG + "parity_top1_agreement": f"{parity.top1_agreement:.6g}",
-        TAG + "parity_inputs": str(parity.inputs),
-    })
-    store.log_metrics(ref, export_metrics(parity))
-    return OnnxExport(ref=ref, directory=ship, onnx_digest=onnx_digest, parity=parity, card=card)
 
 
 @dataclass(frozen=True)
@@ -157,24 +105,99 @@ class Override:
 
 
 def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
-    """The version's logged ONNX directory (digest re-checked), converting it first if needed."""
+    """The one path from a registered version to its shippable ONNX directory.
+
+    1. the version's model directory: its digest is the one recorded at registration
+       and every file matches the digest its metadata lists (:func:`fetch_model_dir`);
+    2. its ``model.onnx`` is the ONNX converted at registration (the metadata's
+       ``onnx_digest``);
+    3. onnxruntime on the registered parity inputs gives the registered parity
+       reference (the source model's logits): max |diff| <= 1e-4, identical top-1;
+    4. the first time, the shippable directory (model.onnx, vocabulary, labels, model
+       card) is written and logged on the version as ``onnx``; later, the logged one is
+       used only if its model.onnx, vocabulary and labels are byte for byte the model
+       directory's: bytes written into the registry by hand are refused.
+
+    No source framework is loaded: the conversion happened once, at registration."""
     info = store.get(ref)
-    logged = info.tags.get(TAG + "onnx_digest")
-    if logged is None:
-        return convert_version(store, ref, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = fetch_model_dir(store, info, workdir / "source")                   # (1)
+    model_bytes = (model_dir.path / ONNX_FILE).read_bytes()
+    onnx_digest = sha256_bytes(model_bytes)
+    if onnx_digest != model_dir.metadata.onnx_digest:                               # (2)
+        raise ModelDirError(f"{ref}: model.onnx does not match the registered onnx_digest")
+    parity = registered_parity(ref, model_dir, model_bytes)                         # (3)
+    logged = info.tags.get(TAG + "onnx_digest")                                     # (4)
+    if logged is None:
+        return _ship(store, info, model_dir, model_bytes, parity, workdir / "ship")
     directory = store.download(info, "onnx", workdir)
     missing = [n for n in SHIPPED_FILES if not (directory / n).is_file()]
-    if missing or sha256_file(directory / ONNX_FILE) != logged:
-        raise ModelDirError(f"{ref}: the logged ONNX export is incomplete or does not match "
-                            f"its recorded digest")
+    if missing:
+        raise ModelDirError(f"{ref}: the logged ONNX export is incomplete (no "
+                            f"{', '.join(missing)})")
+    if logged != onnx_digest or sha256_file(directory / ONNX_FILE) != onnx_digest:
+        raise ModelDirError(f"{ref}: the logged ONNX export is not the model registered "
+                            "(its model.onnx differs from the model directory's): bytes "
+                            "written into the registry by hand are refused")
+    for name in (VOCABULARY, LABELS):
+        if sha256_file(directory / name) != model_dir.metadata.files[name]:
+            raise ModelDirError(f"{ref}: the logged export's {name} differs from the "
+                                "registered model directory's: refused")
     try:
         card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
-        parity = Parity(**card["parity"])
+        card_digest = card["onnx"]["digest"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelDirError(f"{ref}: the logged model card is unreadable: {e}") from e
-    return OnnxExport(ref=ref, directory=directory, onnx_digest=logged, parity=parity,
+    if card_digest != onnx_digest:
+        raise ModelDirError(f"{ref}: the logged model card speaks of other ONNX bytes")
+    return OnnxExport(ref=ref, directory=directory, onnx_digest=onnx_digest, parity=parity,
                       card=card)
+
+
+def registered_parity(ref: VersionRef, model_dir: ModelDir, model_bytes: bytes) -> Parity:
+    """onnxruntime on the registered parity inputs against the registered reference."""
+    try:
+        inputs = np.load(model_dir.path / PARITY_INPUTS, allow_pickle=False)
+        reference = np.load(model_dir.path / PARITY_REFERENCE, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{ref}: the registered parity files cannot be read: {e}") from e
+    parity = check_parity(np.asarray(reference, np.float32), run_onnx(model_bytes, inputs))
+    if not parity.passed:
+        raise ParityError(
+            f"{ref}: ONNX parity failed on {parity.inputs} held-out inputs: max |logit diff| "
+            f"{parity.max_abs_diff:.3g} (limit {parity.tolerance:g}), top-1 agreement "
+            f"{parity.top1_agreement:.2%} (must be 100%)"
+        )
+    return parity
+
+
+def _ship(store: ModelStore, info: VersionInfo, model_dir: ModelDir, model_bytes: bytes,
+          parity: Parity, ship: Path) -> OnnxExport:
+    """Write the shippable directory and log it, with tags, on the version."""
+    proto = onnx.load_from_string(model_bytes)
+    labels = read_labels(model_dir)
+    ship.mkdir()
+    (ship / ONNX_FILE).write_bytes(model_bytes)
+    shutil.copyfile(model_dir.path / VOCABULARY, ship / VOCABULARY)
+    shutil.copyfile(model_dir.path / LABELS, ship / LABELS)
+    onnx_digest = sha256_file(ship / ONNX_FILE)
+    card = model_card(info, model_dir, proto, parity, onnx_digest, labels, ship)
+    (ship / CARD_FILE).write_text(json.dumps(card, ensure_ascii=False, indent=1) + "\n")
+    store.attach(info, ship, "onnx", {
+        TAG + "onnx_digest": onnx_digest,
+        TAG + "onnx_opset": str(_opset(proto)),
+        TAG + "parity_max_abs_diff": f"{parity.max_abs_diff:.6g}",
+        TAG + "parity_top1_agreement": f"{parity.top1_agreement:.6g}",
+        TAG + "parity_inputs": str(parity.inputs),
+    })
+    store.log_metrics(info.ref, export_metrics(parity))
+    return OnnxExport(ref=info.ref, directory=ship, onnx_digest=onnx_digest, parity=parity,
+                      card=card)
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                OPSET)
 
 
 def audit_passed(tags: Mapping[str, str], onnx_digest: str, pinned_policy: str) -> bool:
@@ -262,7 +285,11 @@ def _workspace(parent: Path) -> Iterator[Path]:
 def fetch_model_dir(store: ModelStore, info: VersionInfo, dst: Path) -> ModelDir:
     dst.mkdir(parents=True)
     path = store.download(info, "model", dst)
-    model_dir = open_model_dir(path)
+    try:
+        model_dir = open_model_dir(path, version=FORMAT_VERSION)
+    except ModelDirError as e:
+        raise ModelDirError(f"{info.ref}: {e} (a version registered before model "
+                            "directory v2: register it again)") from e
     expected = info.tags.get(TAG + "model_dir_digest")
     if expected != model_dir.digest:
         raise ModelDirError(
@@ -270,12 +297,6 @@ def fetch_model_dir(store: ModelStore, info: VersionInfo, dst: Path) -> ModelDir
             "registration"
         )
     return model_dir
-
-
-def _convert(model: Any, model_dir: ModelDir, vocab: Vocabulary) -> onnx.ModelProto:
-    if model_dir.metadata.framework is Framework.KERAS:
-        return keras_to_onnx(model, vocab.config.max_len)
-    return sklearn_to_onnx(model, len(vocab))
 
 
 def model_card(
@@ -292,11 +313,13 @@ def model_card(
     tags = info.tags
     training = dict(meta.training)
     graph = proto.graph
+    vocab = Vocabulary.load(ship / VOCABULARY)
     return {
         "format": "passerelle-model-card",
         "format_version": 1,
         "model": {"name": info.ref.name, "version": info.ref.version,
-                  "architecture": meta.architecture, "source_framework": meta.framework.value},
+                  "architecture": meta.architecture, "source_framework": meta.framework.value,
+                  "source": meta.source.get("kind", "")},
         "task": "Main diagnosis (CIM-10) of a hospital stay from its discharge summary, "
                 "for PMSI coding assistance. A coder reviews every suggestion.",
         "intended_use": tags.get(TAG + "purpose", ""),
@@ -310,13 +333,13 @@ def model_card(
             "train_patients": training.get("train_patients"),
         },
         "preprocessing": {
-            "sections_read": list(Vocabulary.load(ship / VOCABULARY).config.sections),
-            "vocabulary": {k: v for k, v in training.get("config", {})
-                           .get("vocabulary", {}).items() if k != "sections"},
+            "sections_read": list(vocab.config.sections),
+            "vocabulary": {k: v for k, v in asdict(vocab.config).items() if k != "sections"},
             "input_kind": meta.input_kind.value,
+            "input_dtype": meta.dtype.value,
         },
         "onnx": {
-            "file": ONNX_FILE, "digest": onnx_digest, "opset": OPSET,
+            "file": ONNX_FILE, "digest": onnx_digest, "opset": _opset(proto),
             "inputs": [i.name for i in graph.input],
             "outputs": [o.name for o in graph.output],
             "operators": sorted({f"{n.domain or 'ai.onnx'}:{n.op_type}" for n in graph.node}),

@@ -153,6 +153,15 @@ class ModelStore:
         return (self.uri == f"sqlite:///{self.home.resolve() / 'mlflow.db'}"
                 and not (self.home / "mlflow.db").exists())
 
+    def check_reachable(self) -> None:
+        """Reach the store now with one cheap request (RegistryError if it cannot be), so a
+        long step finds a server that is down first; this home's SQLite store that does
+        not exist yet is not created to say so."""
+        if self._absent():
+            return
+        with _store_errors(self.uri):
+            self._client.search_registered_models(max_results=1)
+
     @property
     def display_uri(self) -> str:
         """The store's URI with any password replaced, fit to print."""
@@ -187,6 +196,12 @@ class ModelStore:
             TAG + "architecture": model_dir.metadata.architecture,
             TAG + "model_dir_digest": model_dir.digest,
         }
+        meta = model_dir.metadata
+        if meta.onnx_digest is not None:  # v2: what the model directory says it ships
+            tags |= {TAG + "input_kind": meta.input_kind.value,
+                     TAG + "input_dtype": meta.dtype.value,
+                     TAG + "source_kind": str(meta.source.get("kind", "")),
+                     TAG + "registered_onnx_digest": meta.onnx_digest}
         from registry.tracking import accuracy_metrics
 
         return self._new_version(name, f"register {name} (trained at "

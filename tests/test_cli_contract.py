@@ -70,6 +70,11 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = CoderConfig(architecture=Architecture.LOGREG, epochs=1, seed=1,
                          vocabulary=VocabularyConfig(min_patients=1, max_len=32))
     steps.train_model(ws / "corpus", ws / "model", config)
+    from tests.vendor_models import torch_conv_classifier
+
+    (ws / "vendor.onnx").write_bytes(torch_conv_classifier().SerializeToString())
+    (ws / "bad-manifest.json").write_text('{"format": "passerelle-manifest"}\n')
+    (ws / "model.pkl").write_bytes(b"\x80\x04N.")
     (ws / "file.txt").write_text("not what the command wants\n")
     (ws / "existing.out").write_text("keep me\n")
     (ws / "a-folder").mkdir()
@@ -130,6 +135,7 @@ COMMANDS = [
     Command("model train --data {ws}/corpus --arch logreg --out {out}", home=False, out="dir"),
     Command("model register {ws}/model --name coder --purpose p --legal-basis b",
             writes_home=True, mlflow=True, ledger=True),
+    Command("model init-manifest {ws}/vendor.onnx --out {out}", home=False, out="file"),
     Command("model audit coder/1 --members {ws}/corpus --nonmembers {ws}/corpus --out {out}",
             writes_home=True, out="dir", mlflow=True),
     Command("model export coder/1 --out {out}", writes_home=True, out="dir", mlflow=True),
@@ -246,6 +252,31 @@ SPECIFIC = [
     Case("model register: missing corpus",
          f"model register {{ws}}/model --name c --purpose p --legal-basis b --data {{ws}}/nope "
          f"{H}", 2, "no such folder"),
+    Case("model register: unknown framework",
+         f"model register {{ws}}/file.txt --name c --purpose p --legal-basis b {H}", 2,
+         "unknown model framework"),
+    Case("model register: a pickle file",
+         f"model register {{ws}}/model.pkl --name c --purpose p --legal-basis b {H}", 2,
+         "pickle files are refused"),
+    Case("model register: a vendor's model without its manifest",
+         f"model register {{ws}}/vendor.onnx --name c --purpose p --legal-basis b "
+         f"--data {{ws}}/corpus {H}", 2, "needs --manifest"),
+    Case("model register: a manifest that does not validate",
+         f"model register {{ws}}/vendor.onnx --name c --purpose p --legal-basis b "
+         f"--manifest {{ws}}/bad-manifest.json --data {{ws}}/corpus {H}", 2,
+         "does not validate"),
+    Case("model register: a manifest for a `model train` folder",
+         f"model register {{ws}}/model --name c --purpose p --legal-basis b "
+         f"--manifest {{ws}}/bad-manifest.json {H}", 2, "its manifest is synthesised"),
+    Case("model register: a models:/ URI without a tracking server",
+         f"model register models:/ghost/1 --name c --purpose p --legal-basis b "
+         f"--manifest {{ws}}/bad-manifest.json --data {{ws}}/corpus "
+         f"--from-tracking-uri http://127.0.0.1:{{closed}} {H}", 2, "models:/ghost/1",
+         env={"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}, max_seconds=30),
+    Case("model init-manifest: missing model",
+         "model init-manifest {ws}/nope.onnx --out {ws}/m.json", 2, "no such"),
+    Case("model init-manifest: a pickle file",
+         "model init-manifest {ws}/model.pkl --out {ws}/m.json", 2, "pickle files are refused"),
     Case("model audit: missing members",
          f"model audit c/1 --members {{ws}}/nope --nonmembers {{ws}}/corpus {H}", 2,
          "no such folder"),

@@ -19,7 +19,7 @@ from registry.coder import load_source_model
 from registry.export import PARITY_TOLERANCE, check_parity
 from registry.model_dir import Framework, file_digests, open_model_dir, write_metadata
 from registry.store import TAG, ModelStore, VersionRef
-from tests.conftest import OVERRIDE_ARGS, TEST_OVERRIDE
+from tests.conftest import TEST_OVERRIDE
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,10 @@ def test_export_passes_checker_and_parity_and_is_logged(
     card = json.loads((out / "model_card.json").read_text())
     assert card["model"] == {"name": "coder", "version": "1", "architecture":
                              model_dir.metadata.architecture,
-                             "source_framework": model_dir.metadata.framework.value}
+                             "source_framework": model_dir.metadata.framework.value,
+                             "source": "model-train"}
+    assert card["preprocessing"]["input_kind"] == model_dir.metadata.input_kind.value
+    assert card["preprocessing"]["input_dtype"] == model_dir.metadata.dtype.value
     assert card["onnx"]["digest"] == result.onnx_digest
     assert card["provenance"]["dataset_fingerprint"].startswith("sha256:")
     assert card["files"]["model.onnx"] == result.onnx_digest
@@ -113,27 +116,23 @@ def _amplified_copy(src: Path, dst: Path, factor: float) -> Path:
     return dst
 
 
-def test_export_that_fails_parity_is_refused_and_leaves_nothing(
+def test_a_model_that_fails_parity_is_refused_at_registration_and_leaves_nothing(
     keras_model: steps.TrainReport, home: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     model = _amplified_copy(keras_model.out_dir, tmp_path / "amplified", 1e6)
-    store, ref = _registered(home, model)
-    before = store.get(ref)
-    out = tmp_path / "export"
+    store = ModelStore(home)
     with pytest.raises(ParityError, match="parity failed"):
-        steps.export_model(store, ref, out, TEST_OVERRIDE)
+        steps.register_model(store, model, "coder", "PMSI coding", "GDPR 6(1)(e)")
     # Through the command line: exit 1 (refused) and one line.
-    code = main(["model", "export", str(ref), "--out", str(out), "--home", str(home),
-                 *OVERRIDE_ARGS])
+    code = main(["model", "register", str(model), "--name", "coder", "--purpose", "p",
+                 "--legal-basis", "b", "--home", str(home)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert len(err) == 1 and err[0].startswith("error: coder/1: ONNX parity failed"), err
-    assert not out.exists()
-    assert not list(tmp_path.glob(".passerelle-export-*"))
-    after = store.get(ref)
-    assert after.tags == before.tags
-    assert {f.path for f in store.client.list_artifacts(after.run_id)} == {"model"}
+    assert len(err) == 1 and err[0].startswith("error: ONNX parity failed"), err
+    assert store.versions("coder") == []
+    assert not (home / ".intake").exists()
+    assert not (home / "mlartifacts").exists() or not any((home / "mlartifacts").rglob("*.onnx"))
 
 
 def test_check_parity_flags_a_single_flipped_top1() -> None:

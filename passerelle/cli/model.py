@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from passerelle.cli._common import (
     add_command,
     add_out,
     check_out_dir,
+    check_out_file,
     console,
     emit,
     existing_dir,
@@ -25,6 +27,7 @@ from passerelle.cli._common import (
     home_of,
     int_range,
     output_dir,
+    output_file,
     progress_bar,
 )
 from passerelle.errors import BadInput
@@ -40,6 +43,7 @@ def add_to(sub: Subparsers) -> None:
     group = sub.add_parser("model", help="train, register and export models").add_subparsers(
         dest="model_command", metavar="COMMAND", required=True)
     _add_train(group)
+    _add_init_manifest(group)
     _add_register(group)
     _add_audit(group)
     _add_export(group)
@@ -85,27 +89,91 @@ def _add_train(group: Subparsers) -> None:
                    help="tokens read per stay, 1 to 65,536")
 
 
+def _add_init_manifest(group: Subparsers) -> None:
+    p = add_command(
+        group, "init-manifest", init_manifest, "write a starting manifest for a vendor's model",
+        "Inspect a vendor's model (.keras, SavedModel folder, .skops, .onnx): its input\n"
+        "dtype and width give the input kind (token ids: max_len; bag of words: vocabulary\n"
+        "size), its output width the number of labels. Writes a starting manifest (format\n"
+        "passerelle-manifest 1, registry/manifest.schema.json) naming vocabulary.json and\n"
+        "labels.json beside it; training.heldout, steps and recipe are left null for you to\n"
+        "fill in. Nothing is registered.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a .keras file, SavedModel folder, .skops "
+                   "or .onnx file")
+    add_out(p, "file", "the manifest to write (refused if it exists, unless --force)")
+    p.add_argument("--custom-objects", metavar="SPEC",
+                   help="module:Name[,Name...] for a Keras model's custom layers (default: "
+                   "none)")
+
+
+def init_manifest(args: argparse.Namespace) -> int:
+    from registry.manifest import starting_manifest
+
+    check_out_file(args.out, args.force)
+    path = Path(args.model)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or folder")
+    found = starting_manifest(path, args.custom_objects)
+    with output_file(args.out, args.force) as tmp:
+        tmp.write_text(json.dumps(found.document, indent=1) + "\n", encoding="utf-8")
+    doc = {"out": str(args.out), "framework": found.framework,
+           "input_width": found.input_width, "output_width": found.output_width,
+           "manifest": found.document, "notes": found.notes()}
+
+    def human() -> None:
+        console.print(f"wrote {args.out} ({found.framework} model)")
+        for note in found.notes():
+            console.print(f"- {note}")
+
+    emit(args, doc, human)
+    return 0
+
+
 def _add_register(group: Subparsers) -> None:
     p = add_command(
-        group, "register", register, "register a model directory as a new MLflow model version",
-        "Log a model directory to the site's MLflow store as a new version of NAME, with\n"
-        "provenance as version tags (passerelle.*): purpose, legal basis, data controller,\n"
-        "training site, privacy unit and the dataset fingerprint (a digest of the training\n"
-        "corpus manifest, never the data). Store: $MLFLOW_TRACKING_URI, else SQLite in the home.",
+        group, "register", register, "register a model (yours or a vendor's) as a new version",
+        "Turn a model source into a model directory (v2) and log it to the site's MLflow\n"
+        "store as a new version of NAME. SOURCE: a folder written by `model train`; a Keras\n"
+        "2 model (.keras file or SavedModel folder); a scikit-learn model saved with skops\n"
+        "(.skops; never pickle); an .onnx file from any framework; or models:/NAME/VERSION,\n"
+        "models:/NAME@ALIAS, models:/m-ID, runs:/RUN_ID/PATH of the vendor's own MLflow.\n"
+        "A vendor's model needs --manifest (its input contract: `model init-manifest`\n"
+        "writes a starting one) and --data (its training corpus). Passerelle encodes stays\n"
+        "of --data itself (the declared held-out patients, else a keyed sample), runs the\n"
+        "source model on them, converts it to ONNX once and refuses it (exit 1) unless the\n"
+        "ONNX gives the same logits (max |diff| <= 1e-4, identical top-1). Provenance\n"
+        "becomes version tags (passerelle.*): purpose, legal basis, data controller, training\n"
+        "site (this site's identity for a vendor's model), privacy unit and the dataset\n"
+        "fingerprint computed from --data. Store: $MLFLOW_TRACKING_URI, else SQLite in the\n"
+        "home. Bad input (unknown framework, a manifest that does not validate, outputs that\n"
+        "do not match the label table, ...) registers and records nothing (exit 2).",
     )
-    p.add_argument("model_dir", type=existing_dir, metavar="MODEL_DIR",
-                   help="a folder written by `model train`")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a `model train` folder, .keras, SavedModel folder, .skops, .onnx, "
+                   "models:/... or runs:/...")
     p.add_argument("--name", required=True, help="the registered model's name")
     p.add_argument("--purpose", required=True, metavar="TEXT", help="why it is processed")
     p.add_argument("--legal-basis", required=True, metavar="TEXT",
                    help="the GDPR legal basis")
+    p.add_argument("--manifest", type=existing_file, metavar="FILE",
+                   help="the vendor's manifest (required for a vendor's model; default: "
+                   "synthesised for a `model train` folder)")
     p.add_argument("--data", type=existing_dir, metavar="DIR",
-                   help="the training corpus; refused unless it is the one the model was "
-                   "trained on (default: not checked)")
+                   help="the training corpus (required for a vendor's model; for a `model "
+                   "train` folder refused unless it is the one it was trained on; default: "
+                   "not checked)")
+    p.add_argument("--custom-objects", metavar="SPEC",
+                   help="module:Name[,Name...] to import for a Keras model's custom layers "
+                   "(safe_mode stays on; default: none)")
+    p.add_argument("--from-tracking-uri", metavar="URI",
+                   help="the vendor's MLflow for models:/ and runs:/ sources (default: "
+                   "$MLFLOW_TRACKING_URI)")
     p.add_argument("--controller", metavar="TEXT", help="data controller (default: the "
                    "training site)")
     p.add_argument("--privacy-unit", choices=[u.value for u in PrivacyUnit],
-                   default=PrivacyUnit.PATIENT.value, help="what one person's data is")
+                   default=PrivacyUnit.PATIENT.value, help="what one person's data is "
+                   "(default: patient)")
 
 
 def _add_audit(group: Subparsers) -> None:
@@ -229,9 +297,11 @@ def train(args: argparse.Namespace) -> int:
 
 def register(args: argparse.Namespace) -> int:
     store = ModelStore(home_of(args, writes=True))
-    info = steps.register_model(store, args.model_dir, args.name, args.purpose,
+    info = steps.register_model(store, args.source, args.name, args.purpose,
                                 args.legal_basis, args.data, args.controller,
-                                PrivacyUnit(args.privacy_unit))
+                                PrivacyUnit(args.privacy_unit), manifest=args.manifest,
+                                custom_objects=args.custom_objects,
+                                tracking_uri=args.from_tracking_uri)
     doc = {"model": info.ref.name, "version": info.ref.version, "run_id": info.run_id,
            "tracking_uri": store.display_uri, "tags": dict(info.tags)}
     emit(args, doc, lambda: console.print(

@@ -59,6 +59,7 @@ from registry.audit.scan import ScanReport, scan_export_dir
 from registry.audit.scoring import OnnxScorer, true_label_probability
 from registry.coder import N_PARITY_INPUTS, CoderConfig, Examples, split_by_patient
 from registry.export import fetch_model_dir, shippable
+from registry.intake import encode_stays
 from registry.model_dir import PARITY_INPUTS, VOCABULARY, ModelDir
 from registry.store import TAG, ModelStore, VersionRef
 from registry.tracking import audit_metrics
@@ -184,7 +185,9 @@ def check_declared_split(model_dir: ModelDir, train: Examples, held: Examples) -
                            f"records {key} = {declared}, the recipe's seed and held-out "
                            f"fraction give {value}")
     vocab = Vocabulary.load(model_dir.path / VOCABULARY)
-    expected = vocab.encode([select_text(s, vocab.config.sections)
+    meta = model_dir.metadata
+    expected = encode_stays(meta.input_kind, meta.dtype, vocab,
+                            [select_text(s, vocab.config.sections)
                              for s in held.sections[:N_PARITY_INPUTS]])
     try:
         parity = np.load(model_dir.path / PARITY_INPUTS, allow_pickle=False)
