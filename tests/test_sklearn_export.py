@@ -157,3 +157,41 @@ def test_transformers_of_another_width_are_refused() -> None:
     model, _ = _fitted("LinearSVC", "MaxAbsScaler", 5)
     with pytest.raises(ConversionError, match=f"do not take {V + 3} features"):
         sklearn_to_onnx(model, V + 3)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("estimator", ["LogisticRegression", "LinearSVC", "SGDClassifier",
+                                       "MLPClassifier"])
+def test_the_executor_runs_and_differentiates_the_written_onnx(
+        estimator: str, step: str, n_classes: int) -> None:
+    """What fine-tuning needs: the executor gives onnxruntime's logits, every default
+    trainable weight gets a gradient, and the preprocessing's constants are not weights."""
+    import tensorflow as tf
+
+    from adapters.model_kind import default_trainable, refuse_untrainable
+    from adapters.onnx_tf import OnnxExecutor
+
+    model, x = _fitted(estimator, step, n_classes)
+    proto = sklearn_to_onnx(model, V)
+    refuse_untrainable(proto)
+    executor = OnnxExecutor.from_model(proto)
+    got = executor({"bag_of_words": x})["logits"].numpy()
+    assert np.abs(got - _onnx_logits(proto, x)).max() <= TOLERANCE
+    assert default_trainable(proto)
+    with tf.GradientTape() as tape:
+        logits = executor({"bag_of_words": x[:16]})["logits"]
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.zeros(16, tf.int64), logits=logits))
+    grads = tape.gradient(loss, executor.trainable_variables)
+    assert grads and all(g is not None for g in grads)
+    assert any(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+def test_a_forest_is_refused_by_the_executor_with_the_reason() -> None:
+    from adapters.model_kind import NotGradientTrainable, refuse_untrainable
+
+    model, _ = _fitted("RandomForest", "TfidfTransformer", 5)
+    with pytest.raises(NotGradientTrainable,
+                       match="gradient-based DP-SGD does not apply to tree ensembles"):
+        refuse_untrainable(sklearn_to_onnx(model, V))
