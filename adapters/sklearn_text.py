@@ -2,7 +2,7 @@
 
 :func:`prepare_sklearn` takes a fitted estimator or Pipeline as the vendor has it and
 returns :class:`PreparedSklearn`: an estimator that takes Passerelle's bag of words
-(:meth:`registry.vocabulary.Vocabulary.bag_of_words`), the vocabulary when it came from
+(:meth:`passerelle.vocabulary.Vocabulary.bag_of_words`), the vocabulary when it came from
 the vendor's vectorizer, and the input kind. ``adapters.onnx_export.sklearn_to_onnx``
 converts the estimator; ``adapters.onnx_export.sklearn_logits`` scores it.
 
@@ -29,7 +29,7 @@ converts the estimator; ``adapters.onnx_export.sklearn_logits`` scores it.
   CountVectorizer followed by a TfidfTransformer (same conditions) or a Normalizer.
   ``norm=None``, ``sublinear_tf=True`` and ``binary=True`` read counts and are refused.
 
-The tokenisation must be Passerelle's (:func:`registry.vocabulary.tokenize`: NFC, lower
+The tokenisation must be Passerelle's (:func:`passerelle.vocabulary.tokenize`: NFC, lower
 case, maximal runs of letters and digits, ``_`` separating words, accents kept):
 ``analyzer="word"``, ``ngram_range=(1, 1)``, ``lowercase=True``, ``strip_accents=None``,
 no ``tokenizer``/``preprocessor``, and a ``token_pattern`` of :data:`TOKEN_PATTERNS`.
@@ -56,9 +56,9 @@ from typing import Any
 
 import numpy as np
 
+from passerelle.contract import InputKind
 from passerelle.errors import BadInput
-from registry.model_dir import InputKind
-from registry.vocabulary import (
+from passerelle.vocabulary import (
     CLINICAL_SECTIONS,
     Vocabulary,
     VocabularyConfig,
@@ -146,7 +146,7 @@ def _steps(model: Any) -> list[tuple[str, Any]]:
 
 
 def _check_analysis(v: Any) -> None:
-    """Refuse what Passerelle's tokenizer (registry.vocabulary.tokenize) does not do."""
+    """Refuse what Passerelle's tokenizer (passerelle.vocabulary.tokenize) does not do."""
     name = type(v).__name__
     fix = f'token_pattern=r"{COMPATIBLE_PATTERN}"'
     if v.input != "content":

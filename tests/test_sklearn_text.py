@@ -34,10 +34,10 @@ from adapters.sklearn_text import (
     UnsupportedVectorizer,
     prepare_sklearn,
 )
+from passerelle.contract import InputKind
 from passerelle.corpus import read_corpus
 from passerelle.errors import BadInput
-from registry.model_dir import InputKind
-from registry.vocabulary import CLINICAL_SECTIONS, Vocabulary, select_text, tokenize
+from passerelle.vocabulary import CLINICAL_SECTIONS, Vocabulary, select_text, tokenize
 
 P = COMPATIBLE_PATTERN
 PIPELINES: dict[str, Callable[[], Any]] = {
