@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import onnx
 import pytest
 
 from adapters.new_codes import extend_output, public_cim10
-from adapters.onnx_export import OPSET
+from adapters.onnx_export import sklearn_to_onnx
+from adapters.sklearn_text import prepare_sklearn
 from passerelle import steps
 from passerelle.cli import main
 from passerelle.corpus import read_corpus
@@ -82,38 +84,44 @@ def _bag_of_words(export: Path, data: Path, codes: list[str]) -> tuple[Any, Any]
     return _encoded(export, data, codes, bag_of_words=True)
 
 
-def _sklearn_export(export: Path, corpus_x: Path, estimator: Any, out: Path,
-                    options: dict[str, Any] | None = None) -> Path:
-    """``estimator`` fitted on X's bag of words, converted by skl2onnx, beside the
-    logreg export's vocabulary, labels and card."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
+def _sklearn_export(export: Path, corpus_x: Path, estimator: Any, out: Path) -> Path:
+    """``estimator`` fitted on X's bag of words, converted by
+    :func:`adapters.onnx_export.sklearn_to_onnx`, beside the logreg export's vocabulary,
+    labels and card."""
     x, y = _bag_of_words(export, corpus_x, _codes(export))
-    estimator.fit(x, y)
-    proto = convert_sklearn(estimator, initial_types=[
-        ("bag_of_words", FloatTensorType([None, x.shape[1]]))],
-        target_opset={"": OPSET, "ai.onnx.ml": 3},
-        options={id(estimator): options} if options else None)
-    scores = next(o.name for o in proto.graph.output if o.name != "label")
-    for node in proto.graph.node:
-        node.output[:] = ["logits" if o == scores else o for o in node.output]
-        node.input[:] = ["logits" if i == scores else i for i in node.input]
-    needed, nodes = {"logits"}, []
-    for node in reversed(proto.graph.node):  # only what computes the scores
-        if needed.intersection(node.output):
-            nodes.append(node)
-            needed.update(node.input)
-    del proto.graph.node[:]
-    proto.graph.node.extend(reversed(nodes))
-    kept = [o for o in proto.graph.output if o.name == scores]
-    kept[0].name = "logits"
-    del proto.graph.output[:]
-    proto.graph.output.extend(kept)
+    with warnings.catch_warnings():  # convergence warnings on a small corpus
+        warnings.simplefilter("ignore")
+        estimator.fit(x, y)
+    return _write_export(export, sklearn_to_onnx(estimator, x.shape[1]), out)
+
+
+def _text_export(export: Path, corpus_x: Path, pipeline: Any, out: Path) -> Path:
+    """A vendor's text pipeline fitted on X's raw texts (the logreg export's sections and
+    label table), as its bag-of-words form (:func:`adapters.sklearn_text.prepare_sklearn`)
+    with the vocabulary made from its vectorizer."""
+    sections = Vocabulary.load(export / "vocabulary.json").config.sections
+    index = {c: i for i, c in enumerate(_codes(export))}
+    stays = [s for s in read_corpus(corpus_x).stays if s.main_diagnosis in index]
+    texts = [select_text(s.sections.as_dict(), sections) for s in stays]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline.fit(texts, [index[s.main_diagnosis] for s in stays])
+    prepared = prepare_sklearn(pipeline, sections=sections)
+    assert prepared.vocabulary is not None
+    proto = sklearn_to_onnx(prepared.estimator, prepared.n_features)
+    return _write_export(export, proto, out, prepared.vocabulary)
+
+
+def _write_export(export: Path, proto: onnx.ModelProto, out: Path,
+                  vocabulary: Vocabulary | None = None) -> Path:
     out.mkdir()
     (out / "model.onnx").write_bytes(proto.SerializeToString())
-    for name in ("vocabulary.json", "labels.json", "model_card.json"):
+    for name in ("labels.json", "model_card.json"):
         shutil.copyfile(export / name, out / name)
+    if vocabulary is None:
+        shutil.copyfile(export / "vocabulary.json", out / "vocabulary.json")
+    else:
+        vocabulary.save(out / "vocabulary.json")
     return out
 
 
@@ -163,22 +171,56 @@ def test_trainable_that_names_an_absent_layer_lists_the_linear_weights(
 def test_linear_sklearn_models_finetune_on_their_bag_of_words(
         kind: str, logreg_export: Path, corpus_x: Path, corpus_y: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
+    """Converted by sklearn_to_onnx (Pipelines with TfidfTransformer/Normalizer and the
+    MLP: tests/test_sklearn_export.py runs and differentiates them in the executor)."""
     from sklearn.linear_model import SGDClassifier
     from sklearn.svm import LinearSVC
 
     estimator = LinearSVC(C=5.0) if kind == "LinearSVC" else SGDClassifier(random_state=0)
-    options = None if kind == "LinearSVC" else {"zipmap": False, "raw_scores": True}
-    export = _sklearn_export(logreg_export, corpus_x, estimator, tmp_path / kind, options)
-    home, ref = _receive(export, tmp_path, "vendor-linear")
+    export = _sklearn_export(logreg_export, corpus_x, estimator, tmp_path / "vendor")
+    _finetunes(export, corpus_y, tmp_path, kind, capsys)
+
+
+def test_text_pipeline_finetunes_in_its_bag_of_words_form(
+        logreg_export: Path, corpus_x: Path, corpus_y: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's TF-IDF + LinearSVC pipeline, fitted on raw text: its ONNX (vocabulary
+    from the vectorizer, idf as a Constant) trains at Y on Passerelle's encoding."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    from adapters.sklearn_text import COMPATIBLE_PATTERN
+
+    pipeline = make_pipeline(TfidfVectorizer(token_pattern=COMPATIBLE_PATTERN),
+                             LinearSVC(C=5.0))
+    export = _text_export(logreg_export, corpus_x, pipeline, tmp_path / "vendor")
+    doc = _finetunes(export, corpus_y, tmp_path, "TfidfVectorizer+LinearSVC", capsys)
+    assert doc["trainable"] == ["LinearClassifier"]  # not the idf
+
+
+def _finetunes(export: Path, corpus_y: Path, tmp_path: Path, kind: str,
+               capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    home, ref = _receive(export, tmp_path, "vendor-model")
     code = main(["finetune", str(ref), "--data", str(corpus_y), "--drop-unknown-codes",
                  "--home", str(home), *RUN])
     assert code == 0, capsys.readouterr().err
-    doc = json.loads(capsys.readouterr().out)
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
     print(f"{kind} at Y: {doc['accuracy_before']:.3f} -> {doc['accuracy_after']:.3f}, "
           f"trainable {doc['trainable']}")
     assert doc["input_kind"] == "bag_of_words" and doc["trainable"]
     assert doc["accuracy_after"] >= doc["accuracy_before"] - 0.05
     assert [r.fields["outcome"] for r in _runs(home, RecordKind.FINETUNE)] == ["finished"]
+    # the weights moved and the new version still gives one logit per code
+    store = ModelStore(home)
+    out = store.download(store.get(VersionRef(ref.name, doc["version"])), "onnx",
+                         tmp_path / "dl")
+    before = onnx.load(str(export / "model.onnx"), load_external_data=False)
+    after = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert before.SerializeToString() != after.SerializeToString()
+    x, _ = _bag_of_words(export, corpus_y, _codes(export))
+    assert run_onnx(after.SerializeToString(), x[:4]).shape == (4, len(_codes(export)))
+    return doc
 
 
 def test_random_forest_is_refused_before_any_charge(
@@ -189,7 +231,9 @@ def test_random_forest_is_refused_before_any_charge(
     export = _sklearn_export(logreg_export, corpus_x,
                              RandomForestClassifier(n_estimators=3, max_depth=4,
                                                     random_state=0),
-                             tmp_path / "forest", {"zipmap": False})
+                             tmp_path / "forest")
+    graph = onnx.load(str(export / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node] == ["TreeEnsembleClassifier", "Max", "Log"]
     home, ref = _receive(export, tmp_path, "vendor-forest")
     code = main(["finetune", str(ref), "--data", str(corpus_y), "--drop-unknown-codes",
                  "--home", str(home), *RUN])
