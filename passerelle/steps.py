@@ -27,6 +27,7 @@ from passerelle.corpus import (
 )
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, PasserelleError
+from passerelle.recipes import BUILTIN, ONNX_REINIT, load_recipe
 from registry.audit.policy import Policy, pinned_policy_digest
 from registry.audit.reserve import Seal, seal_corpus
 from registry.audit.runner import (
@@ -275,17 +276,21 @@ def seal_data(home: Path, data: Path, fraction: float, out: Path) -> Seal:
 def audit_model(
     store: ModelStore, ref: VersionRef, members: Path, sealed: Path, policy: Policy,
     out: Path, progress: Progress | None = None, seed: int = 0,
-    reference_models: int | None = None,
+    reference_models: int | None = None, recipe: str | None = None,
 ) -> AuditResult:
     """Run the audit in a private workspace, log it on the version, keep the report in
     ``out``. ``members`` is the training corpus, ``sealed`` the corpus its reserve was
-    sealed from. Bad input is found before anything is logged."""
+    sealed from; ``recipe`` the reference models' recipe (passerelle.recipes spec, or
+    ``onnx-reinit``; default: the model's own). Bad input is found before anything is
+    logged."""
     reference_model_count(policy, reference_models)  # bad input before any work
+    if recipe is not None and recipe not in (BUILTIN, ONNX_REINIT):
+        load_recipe(recipe)  # an unknown or unimportable recipe: before any work
     pinned = pinned_policy_digest(store.home)
     _check_new_dir(out)
     with recorder(store.home) as rec, _new_dir(out) as tmp:
         result = audit_version(store, ref, members, sealed, policy, tmp / "work",
-                               progress, seed, reference_models, pinned)
+                               progress, seed, reference_models, pinned, recipe)
         report = tmp / "work" / "audit"
         _record_audit(rec, result, report)  # first: an unrecorded verdict is not logged
         log_audit(store, result)
@@ -313,7 +318,9 @@ def _record_audit(rec: Recorder, result: AuditResult, report: Path) -> None:
                 "privacy_unit": result.privacy_unit,
                 "policy_pinned": result.policy_pinned,
                 "pinned_policy_digest": result.pinned_digest,
-                "reference_models": result.reference_models})
+                "reference_models": result.reference_models,
+                "recipe": result.recipe.name, "recipe_kind": result.recipe.kind.value,
+                "recipe_digest": result.recipe.digest})
 
 
 def finetune_options(**kwargs: Any) -> FinetuneOptions:

@@ -202,6 +202,12 @@ def _add_audit(group: Subparsers) -> None:
     p.add_argument("--reference-models", type=int_range(1, 256), metavar="N",
                    help="raise the policy's number of reference models (default: the "
                    "policy's; never fewer; at most 64; recorded with the verdict)")
+    p.add_argument("--recipe", metavar="SPEC",
+                   help="the reference models' recipe: an entry point of the group "
+                   "passerelle.recipes (passerelle-coder is the built-in coder), "
+                   "module:function, or onnx-reinit (re-initialised copies of the ONNX "
+                   "retrained by the executor); recorded with the verdict (default: the "
+                   "model's own: the built-in coder for `model train` models)")
     add_out(p, "dir", "where the JSON report and ROC plot go (default: "
             "HOME/audits/NAME-vVERSION-<time>)", required=False)
     p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1 (default 0)")
@@ -318,7 +324,8 @@ def audit(args: argparse.Namespace) -> int:
     out = args.out or home / "audits" / f"{ref.name}-v{ref.version}-{datetime.now():%Y%m%d-%H%M%S}"
     with output_dir(out), progress_bar(args) as progress:
         result = steps.audit_model(ModelStore(home), ref, args.members, args.nonmembers, policy,
-                                   out, progress, args.seed, args.reference_models)
+                                   out, progress, args.seed, args.reference_models,
+                                   args.recipe)
     doc = report_json(result) | {"report_dir": str(out)}
 
     def human() -> None:
@@ -336,6 +343,9 @@ def audit(args: argparse.Namespace) -> int:
         for e in result.canaries:
             console.print(f"canary {e.canary_id}: exposure {e.exposure_bits:.2f} bits "
                           f"(max {e.max_bits:.2f}, rank {e.rank:g} of {e.candidates + 1})")
+        r = result.recipe
+        console.print(f"reference models: {result.reference_models}, recipe {r.name} "
+                      f"({r.kind.value}, {r.digest})")
         console.print(f"scan: {result.scan.counts() or 'no findings'}")
         for c in result.failed:
             console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")

@@ -7,22 +7,30 @@ reference models are as trained as the target (Carlini et al. 2022 and Zarifzade
 2024 train reference models exactly like the target). A recipe without a notion of steps
 (a convex solver run to convergence) answers ``None`` and uses its own schedule.
 
-The built-in PMSI coder is one recipe (:class:`CoderRecipe`); a vendor's own recipe
-implements the same two methods.
+The built-in PMSI coder is one recipe (:class:`CoderRecipe`, and the public function
+:func:`coder_recipe`, entry point ``passerelle-coder``). A vendor's recipe is a public
+recipe function (passerelle.recipes: ``TrainingSet -> model``); :class:`FunctionRecipe`
+adapts it to this protocol: Passerelle encodes the stays itself (the target's vocabulary,
+input kind and dtype), calls the function, and scores the model it returns.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from registry.audit.scoring import coder_probabilities, true_label_probability
-from registry.coder import Architecture, CoderConfig, Examples, fit_coder
+from passerelle.errors import BadInput
+from passerelle.recipes import RecipeFunction, RecipeInfo, TrainingSet
+from registry.audit.scoring import coder_probabilities, softmax, true_label_probability
+from registry.coder import Architecture, CoderConfig, Examples, bag_of_words, fit_coder
+from registry.model_dir import InputKind
+from registry.vocabulary import Vocabulary, VocabularyConfig, select_text
 
 FloatArray = npt.NDArray[np.float64]
 StayScorer = Callable[[Examples], FloatArray]  # stays -> p(true code) per stay
@@ -78,3 +86,149 @@ class CoderRecipe:
             return true_label_probability(probs, coder.codes, stays.codes)
 
         return score
+
+
+def coder_recipe(training: TrainingSet) -> Any:
+    """The built-in coder as a public recipe (entry point ``passerelle-coder``): the Keras
+    embedding-mean model on token ids, or logistic regression on a bag of words, with the
+    default hyperparameters, for ``training.steps`` steps (default: 4 epochs of 128)."""
+    if training.inputs.dtype.kind == "f":
+        from sklearn.linear_model import LogisticRegression
+
+        model = LogisticRegression(C=20.0, max_iter=300, random_state=training.seed)
+        return model.fit(training.inputs, training.labels)
+    import tensorflow as tf
+
+    from registry.coder import build_keras_model
+
+    config = CoderConfig(vocabulary=VocabularyConfig(max_len=training.inputs.shape[1]),
+                         seed=training.seed)
+    epochs = CoderRecipe(config).epochs_for(len(training.labels), training.steps)
+    tf.keras.utils.set_random_seed(training.seed)
+    model = build_keras_model(max(training.vocabulary_size, int(training.inputs.max()) + 1),
+                              len(training.codes), config)
+    model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(training.inputs, training.labels, epochs=epochs, batch_size=config.batch_size,
+              shuffle=True, verbose=0)
+    return model
+
+
+_DTYPES = {"int32": np.int32, "int64": np.int64, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class FunctionRecipe:
+    """A public recipe function as the audit's :class:`Recipe`.
+
+    Passerelle encodes every stay itself with the target's vocabulary (token ids or bag of
+    words, in ``dtype``), hands the function the half's stays whose code is in the target's
+    label table (a stay with another code cannot be a training example of that table), and
+    scores the model returned on every pool stay (softmax of its logits)."""
+
+    function: RecipeFunction
+    info: RecipeInfo
+    vocabulary: Vocabulary
+    input_kind: InputKind
+    dtype: str
+    codes: tuple[str, ...]
+    target_steps: int | None  # what the target took (declared, or the built-in schedule)
+    scores: str = "logits"  # what the returned model outputs: "logits" | "probabilities"
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def steps(self, train_stays: int) -> int | None:
+        return self.target_steps
+
+    def encode(self, stays: Examples) -> tuple[npt.NDArray[Any], tuple[str, ...]]:
+        texts = tuple(select_text(s, self.vocabulary.config.sections) for s in stays.sections)
+        ids = self.vocabulary.encode(list(texts))
+        x = bag_of_words(ids, len(self.vocabulary)) \
+            if self.input_kind is InputKind.BAG_OF_WORDS else ids
+        return x.astype(_DTYPES[self.dtype]), texts
+
+    def fit(self, train: Examples, seed: int, steps: int | None) -> StayScorer:
+        index = {c: i for i, c in enumerate(self.codes)}
+        known = train.subset([i for i, c in enumerate(train.codes) if c in index])
+        x, texts = self.encode(known)
+        training = TrainingSet(inputs=x, labels=np.array([index[c] for c in known.codes],
+                                                         dtype=np.int64),
+                               texts=texts, codes=self.codes, seed=seed, steps=steps,
+                               vocabulary_size=len(self.vocabulary))
+        try:
+            model = self.function(training)
+        except Exception as e:  # the vendor's code failed: its error, on one line
+            raise BadInput(f"recipe {self.name!r} raised {type(e).__name__}: "
+                           f"{_one_line(e)}") from e
+        return model_scorer(model, self, f"recipe {self.name!r}")
+
+
+def model_scorer(model: Any, recipe: FunctionRecipe, what: str) -> StayScorer:
+    """p(true code) per stay under ``model`` (checked on a first stay: BadInput if it
+    cannot be scored or its output is not one score per code of the table)."""
+    def score(stays: Examples) -> FloatArray:
+        x, texts = recipe.encode(stays)
+        logits = _checked_logits(model, x, texts, recipe.scores, len(recipe.codes), what)
+        return true_label_probability(softmax(logits), recipe.codes, stays.codes)
+
+    return score
+
+
+def _checked_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], scores: str,
+                    n_codes: int, what: str) -> npt.NDArray[np.float64]:
+    try:
+        out = np.asarray(_model_logits(model, x, texts, scores), dtype=np.float64)
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{what} returned a model Passerelle cannot score: "
+                       f"{type(e).__name__}: {_one_line(e)}") from e
+    if out.shape != (len(x), n_codes):
+        raise BadInput(f"{what} returned a model whose scores have shape {out.shape} on "
+                       f"{len(x)} stays; expected ({len(x)}, {n_codes}), one per code")
+    if not np.isfinite(out).all():
+        raise BadInput(f"{what} returned a model whose scores are not finite")
+    return out
+
+
+def _model_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], scores: str,
+                  batch: int = 512) -> npt.NDArray[np.float64]:
+    """(n, C) logits of a Keras model, a scikit-learn estimator or an onnx.ModelProto.
+
+    (Private until registry.sources.source_logits, the intake's bridge, replaces it.)"""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+        output = "logits" if "logits" in names else names[0]
+        parts = [session.run([output], {feed: x[i:i + batch]})[0]
+                 for i in range(0, len(x), batch)]
+    elif hasattr(model, "decision_function") or hasattr(model, "predict_proba"):
+        if hasattr(model, "decision_function"):
+            d = np.asarray(model.decision_function(x), dtype=np.float64)
+            return np.stack([-d, d], axis=1) if d.ndim == 1 else d
+        return np.log(np.clip(np.asarray(model.predict_proba(x), np.float64), 1e-12, None))
+    elif "tensorflow" in sys.modules and isinstance(model, sys.modules["tensorflow"].keras.Model):
+        parts = [np.asarray(model(x[i:i + batch], training=False))
+                 for i in range(0, len(x), batch)]
+    else:
+        raise BadInput(f"a {type(model).__module__}.{type(model).__name__} is neither a "
+                       "Keras model, a scikit-learn estimator nor an onnx.ModelProto")
+    out = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 0))
+    if scores == "probabilities":
+        out = np.log(np.clip(out, 1e-12, None))
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")

@@ -41,6 +41,15 @@ import numpy.typing as npt
 
 from passerelle.corpus import Corpus, manifest_digest, read_corpus
 from passerelle.errors import BadInput
+from passerelle.recipes import (
+    BUILTIN,
+    ONNX_REINIT,
+    LoadedRecipe,
+    RecipeInfo,
+    RecipeKind,
+    load_recipe,
+    source_digest,
+)
 from registry.audit.attacks import (
     aggregate_by_unit,
     lira_offline,
@@ -53,7 +62,7 @@ from registry.audit.canary import Exposure, canary_exposure
 from registry.audit.metrics import AttackMetrics, evaluate_attack, roc_curve
 from registry.audit.plots import plot_roc
 from registry.audit.policy import MAX_REFERENCE_MODELS, Policy
-from registry.audit.recipe import CoderRecipe, Recipe
+from registry.audit.recipe import CoderRecipe, FunctionRecipe, Recipe
 from registry.audit.reserve import Reserve, open_reserve
 from registry.audit.scan import ScanReport, scan_export_dir
 from registry.audit.scoring import OnnxScorer, true_label_probability
@@ -131,6 +140,7 @@ class AuditResult:
     members: int
     nonmembers: int
     reference_models: int
+    recipe: RecipeInfo
     target_steps: int | None
     reference_epochs: int | None
     rmia_a: float
@@ -202,7 +212,7 @@ def audit_version(
     store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
     policy: Policy, workdir: Path, progress: Progress | None = None, seed: int = 0,
     reference_models: int | None = None, pinned_digest: str | None = None,
-    recipe: Recipe | None = None,
+    recipe: str | None = None,
 ) -> AuditResult:
     count = reference_model_count(policy, reference_models)
     info = store.get(ref)
@@ -238,7 +248,8 @@ def audit_version(
 
     target_p, correct = _target_scores(target, pool)
     target_z = _target_scores(target, population)[0]
-    maker: Recipe = recipe or CoderRecipe(config)
+    choice = select_recipe(model_dir, recipe, config, export.directory, len(members))
+    maker = choice.recipe
     steps = maker.steps(len(members))
     ref_p, ref_z, in_mask = _reference_models(pool, population, maker, steps, count,
                                               config.seed, seed, progress)
@@ -285,7 +296,7 @@ def audit_version(
         criteria=tuple(criteria), onnx_digest=export.onnx_digest, policy_name=policy.name,
         policy_digest=policy.digest, policy_pinned=policy.digest == pinned,
         pinned_digest=pinned, privacy_unit=privacy_unit, members=units_m,
-        nonmembers=units_n, reference_models=count, target_steps=steps,
+        nonmembers=units_n, reference_models=count, recipe=choice.info, target_steps=steps,
         reference_epochs=(CoderRecipe(config).epochs_for(len(pool) // 2, steps)
                           if isinstance(maker, CoderRecipe) else None),
         rmia_a=rmia_a, split=split,
@@ -296,6 +307,55 @@ def audit_version(
                                                      ensure_ascii=False) + "\n")
     (report_dir / "policy.toml").write_text(policy.text)
     return result
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    recipe: Recipe
+    info: RecipeInfo
+
+
+_INPUT_DTYPES = {"token_ids": "int32", "bag_of_words": "float32"}
+
+
+def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | None,
+                  ship_dir: Path, train_stays: int) -> RecipeChoice:
+    """The recipe that trains the reference models, and what the audit records of it.
+
+    - no ``spec`` (or ``passerelle-coder``) on a built-in model (its training config is
+      recorded): the built-in coder on that config (:class:`CoderRecipe`);
+    - ``onnx-reinit``: re-initialised copies of the shipped ONNX graph, retrained by the
+      executor (registry.audit.onnx_reinit);
+    - any other spec: an entry point or ``module:function`` (passerelle.recipes), adapted
+      by :class:`FunctionRecipe` to the target's vocabulary, input kind and dtype.
+    A public recipe is given the target's steps: declared in the model directory
+    (``training.steps``), else the built-in schedule's count when the config is known."""
+    if config is not None and spec in (None, BUILTIN):
+        from registry.coder import fit_coder
+
+        return RecipeChoice(CoderRecipe(config),
+                            RecipeInfo(BUILTIN, RecipeKind.BUILTIN, source_digest(fit_coder)))
+    if spec is None:
+        raise BadInput(f"{model_dir.path.name}: no recipe is recorded for this model: give "
+                       "--recipe NAME|module:function, or onnx-reinit for an ONNX-only model")
+    if spec == ONNX_REINIT:
+        import onnx
+
+        from registry.audit.onnx_reinit import onnx_reinit_recipe
+
+        target = onnx.load(str(ship_dir / "model.onnx"), load_external_data=False)
+        loaded = LoadedRecipe(onnx_reinit_recipe(target), RecipeInfo(
+            ONNX_REINIT, RecipeKind.ONNX_REINIT, source_digest(onnx_reinit_recipe)))
+    else:
+        loaded = load_recipe(spec)
+    meta = model_dir.metadata
+    declared = meta.training.get("steps")
+    steps = declared if isinstance(declared, int) and declared > 0 else (
+        CoderRecipe(config).steps(train_stays) if config is not None else None)
+    recipe = FunctionRecipe(
+        loaded.function, loaded.info, Vocabulary.load(model_dir.path / VOCABULARY),
+        meta.input_kind, _INPUT_DTYPES[meta.input_kind.value], meta.codes, steps)
+    return RecipeChoice(recipe, loaded.info)
 
 
 def _reserve_parts(reserve: Reserve, policy: Policy, seed: int) -> tuple[Examples, Examples]:
@@ -433,6 +493,7 @@ def report_json(result: AuditResult) -> dict[str, Any]:
                                 "was this stay in the training set"),
         "members": result.members, "nonmembers": result.nonmembers,
         "reference_models": result.reference_models,
+        "recipe": result.recipe.to_json(),
         "target_steps": result.target_steps, "reference_epochs": result.reference_epochs,
         "rmia_a": result.rmia_a,
         "split": asdict(result.split) | {
@@ -476,6 +537,9 @@ def log_audit(store: ModelStore, result: AuditResult) -> None:
         TAG + "audit.policy_digest": result.policy_digest,
         TAG + "audit.policy_pinned": "true" if result.policy_pinned else "false",
         TAG + "audit.reference_models": str(result.reference_models),
+        TAG + "audit.recipe": result.recipe.name,
+        TAG + "audit.recipe_kind": result.recipe.kind.value,
+        TAG + "audit.recipe_digest": result.recipe.digest,
         TAG + "audit.time": result.created,
         TAG + "audit.failed": ",".join(c.name for c in result.failed)[:4000] or "none",
     }

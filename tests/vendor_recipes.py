@@ -1,0 +1,53 @@
+"""Vendors' recipes for the audit's tests (passerelle.recipes: ``TrainingSet -> model``).
+
+- :func:`keras_conv1d`: a Keras Conv1D text classifier, trained with Adam for the target's
+  steps (mini-batches of 32), the kind of recipe a vendor brings;
+- the bad ones, each failing one way: :data:`not_callable`, :func:`raises`,
+  :func:`returns_a_string`, :func:`returns_too_few_scores`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from passerelle.recipes import TrainingSet
+
+BATCH = 32
+
+
+def keras_conv1d(training: TrainingSet) -> Any:
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(training.seed)
+    layers = tf.keras.layers
+    ids = tf.keras.Input((training.inputs.shape[1],), dtype="int32", name="token_ids")
+    h = layers.Embedding(training.vocabulary_size, 16, name="embedding")(ids)
+    h = layers.Conv1D(16, 3, padding="same", activation="relu", name="conv")(h)
+    h = layers.GlobalMaxPooling1D(name="pool")(h)
+    model = tf.keras.Model(ids, layers.Dense(len(training.codes), name="logits")(h))
+    model.compile(optimizer=tf.keras.optimizers.Adam(5e-3),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    per_epoch = max(1, math.ceil(len(training.labels) / BATCH))
+    epochs = max(1, round((training.steps or 4 * per_epoch) / per_epoch))
+    model.fit(training.inputs, training.labels, batch_size=BATCH, epochs=epochs, verbose=0,
+              shuffle=True)
+    return model
+
+
+not_callable = 42
+
+
+def raises(training: TrainingSet) -> Any:
+    raise RuntimeError("the vendor's GPU is not here")
+
+
+def returns_a_string(training: TrainingSet) -> Any:
+    return "a model"
+
+
+def returns_too_few_scores(training: TrainingSet) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    # two classes only: two scores per stay, not one per code of the table
+    return LogisticRegression(max_iter=50).fit(training.inputs, training.labels % 2)
