@@ -14,11 +14,13 @@ from typing import Any
 from passerelle.recipes import TrainingSet
 
 BATCH = 32
+CALLS: list[tuple[int, int, int | None]] = []  # (seed, stays, steps) of every call
 
 
 def keras_conv1d(training: TrainingSet) -> Any:
     import tensorflow as tf
 
+    CALLS.append((training.seed, len(training.labels), training.steps))
     tf.keras.utils.set_random_seed(training.seed)
     layers = tf.keras.layers
     ids = tf.keras.Input((training.inputs.shape[1],), dtype="int32", name="token_ids")

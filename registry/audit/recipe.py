@@ -180,8 +180,6 @@ def _checked_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], sco
                     n_codes: int, what: str) -> npt.NDArray[np.float64]:
     try:
         out = np.asarray(_model_logits(model, x, texts, scores), dtype=np.float64)
-    except BadInput:
-        raise
     except Exception as e:
         raise BadInput(f"{what} returned a model Passerelle cannot score: "
                        f"{type(e).__name__}: {_one_line(e)}") from e
@@ -221,8 +219,8 @@ def _model_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], score
         parts = [np.asarray(model(x[i:i + batch], training=False))
                  for i in range(0, len(x), batch)]
     else:
-        raise BadInput(f"a {type(model).__module__}.{type(model).__name__} is neither a "
-                       "Keras model, a scikit-learn estimator nor an onnx.ModelProto")
+        raise TypeError(f"a {type(model).__module__}.{type(model).__name__} is neither a "
+                        "Keras model, a scikit-learn estimator nor an onnx.ModelProto")
     out = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 0))
     if scores == "probabilities":
         out = np.log(np.clip(out, 1e-12, None))
