@@ -283,6 +283,9 @@ SPECIFIC = [
     Case("model audit: missing policy",
          f"model audit c/1 --members {{ws}}/corpus --nonmembers {{ws}}/corpus --policy "
          f"{{ws}}/nope.toml {H}", 2, "no such file"),
+    Case("model audit: recipe module missing",
+         f"model audit c/1 --members {{ws}}/corpus --nonmembers {{ws}}/corpus --recipe "
+         f"no_such_vendor.recipes:fit {H}", 2, "no module named 'no_such_vendor'"),
     Case("finetune: missing corpus", f"finetune c/1 --data {{ws}}/nope --epsilon 1 {H}", 2,
          "no such folder"),
     Case("records verify: missing peer export", f"records verify --peer {{ws}}/nope {H}", 2,
