@@ -28,6 +28,7 @@ from passerelle.corpus import (
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, PasserelleError
 from passerelle.recipes import BUILTIN, ONNX_REINIT, load_recipe
+from registry.audit.halves import Halves
 from registry.audit.policy import Policy, pinned_policy_digest
 from registry.audit.reserve import Seal, seal_corpus
 from registry.audit.runner import (
@@ -35,6 +36,7 @@ from registry.audit.runner import (
     ROC_FILE,
     AuditResult,
     audit_version,
+    draw_halves,
     log_audit,
     reference_model_count,
 )
@@ -277,20 +279,26 @@ def audit_model(
     store: ModelStore, ref: VersionRef, members: Path, sealed: Path, policy: Policy,
     out: Path, progress: Progress | None = None, seed: int = 0,
     reference_models: int | None = None, recipe: str | None = None,
+    reference_dir: Path | None = None,
 ) -> AuditResult:
     """Run the audit in a private workspace, log it on the version, keep the report in
     ``out``. ``members`` is the training corpus, ``sealed`` the corpus its reserve was
     sealed from; ``recipe`` the reference models' recipe (passerelle.recipes spec, or
     ``onnx-reinit``; default: the model's own). Bad input is found before anything is
-    logged."""
+    logged. ``reference_dir``: reference models the vendor trained on halves drawn by
+    :func:`draw_audit_halves` (instead of a recipe)."""
     reference_model_count(policy, reference_models)  # bad input before any work
+    if recipe is not None and reference_dir is not None:
+        raise BadInput("--recipe and --reference-dir exclude each other: the reference "
+                       "models are either trained here by a recipe or handed over")
     if recipe is not None and recipe not in (BUILTIN, ONNX_REINIT):
         load_recipe(recipe)  # an unknown or unimportable recipe: before any work
     pinned = pinned_policy_digest(store.home)
     _check_new_dir(out)
     with recorder(store.home) as rec, _new_dir(out) as tmp:
         result = audit_version(store, ref, members, sealed, policy, tmp / "work",
-                               progress, seed, reference_models, pinned, recipe)
+                               progress, seed, reference_models, pinned, recipe,
+                               reference_dir)
         report = tmp / "work" / "audit"
         _record_audit(rec, result, report)  # first: an unrecorded verdict is not logged
         log_audit(store, result)
@@ -298,6 +306,41 @@ def audit_model(
             item.rename(tmp / item.name)
         shutil.rmtree(tmp / "work")
     return replace(result, report_dir=out)
+
+
+def draw_audit_halves(store: ModelStore, ref: VersionRef, members: Path, sealed: Path,
+                      policy: Policy, out: Path, seed: int = 0,
+                      reference_models: int | None = None) -> Halves:
+    """Write the halves of the audit pool on which the vendor trains its reference models
+    (registry.audit.halves) to ``out``; keep a copy of halves.json in the home and record
+    the draw (``audit_halves_drawn``), so that the assignment cannot be swapped later."""
+    from registry.audit.halves import HALVES_FILE, home_copy
+
+    reference_model_count(policy, reference_models)
+    _check_new_dir(out)
+    with recorder(store.home) as rec, _new_dir(out) as tmp:
+        if not rec.enabled:
+            raise BadInput(f"{store.home}: no site identity here; drawing the audit's halves "
+                           "is a recorded act (run `passerelle site init NAME` first)")
+        work = tmp / ".work"
+        try:
+            halves = draw_halves(store, ref, members, sealed, policy, work, tmp, seed,
+                                 reference_models)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        copy = home_copy(store.home, halves)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        staged = copy.with_name(f".{copy.name}.tmp")
+        shutil.copyfile(tmp / HALVES_FILE, staged)
+        os.replace(staged, copy)
+        rec.record(RecordKind.AUDIT_HALVES_DRAWN,
+                   subject("model", str(ref), None)
+                   + subject("audit-halves", str(ref), halves.digest),
+                   {"model": ref.name, "version": ref.version, "seed": halves.seed,
+                    "reference_models": halves.count, "assignment_digest": halves.digest,
+                    "halves_json_digest": sha256_file(copy),
+                    "corpus_digests": list(halves.corpus_digests)})
+    return halves
 
 
 def _record_audit(rec: Recorder, result: AuditResult, report: Path) -> None:

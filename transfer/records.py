@@ -83,6 +83,7 @@ class RecordKind(StrEnum):
     NOTICE_REFUSED = "notice_refused"
     MODEL_USED = "model_used"
     RESERVE_SEALED = "reserve_sealed"
+    AUDIT_HALVES_DRAWN = "audit_halves_drawn"  # halves of the audit pool for vendor models
 
     @property
     def predicate_type(self) -> str:

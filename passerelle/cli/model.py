@@ -31,7 +31,7 @@ from passerelle.cli._common import (
     progress_bar,
 )
 from passerelle.errors import BadInput
-from registry.audit.policy import load_policy
+from registry.audit.policy import Policy, load_policy
 from registry.audit.runner import report_json
 from registry.coder import Architecture, CoderConfig
 from registry.export import Override
@@ -208,6 +208,15 @@ def _add_audit(group: Subparsers) -> None:
                    "module:function, or onnx-reinit (re-initialised copies of the ONNX "
                    "retrained by the executor); recorded with the verdict (default: the "
                    "model's own: the built-in coder for `model train` models)")
+    p.add_argument("--draw-halves", type=Path, metavar="DIR",
+                   help="do not audit: write the K half-corpora (DIR/k/corpus, the stays "
+                   "reference model k is trained on; K = the policy's count) and "
+                   "DIR/halves.json, and record the draw, for reference models the vendor "
+                   "trains itself (default: none)")
+    p.add_argument("--reference-dir", type=existing_dir, metavar="DIR",
+                   help="score the vendor's reference models DIR/k/model.{keras,skops,onnx}, "
+                   "trained on the halves --draw-halves recorded, instead of training them "
+                   "(default: trained here by the recipe)")
     add_out(p, "dir", "where the JSON report and ROC plot go (default: "
             "HOME/audits/NAME-vVERSION-<time>)", required=False)
     p.add_argument("--seed", type=SEED, default=0, help="0 to 2^32-1 (default 0)")
@@ -318,6 +327,8 @@ def register(args: argparse.Namespace) -> int:
 def audit(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
     policy = load_policy(args.policy)
+    if args.draw_halves is not None:
+        return _draw_halves(args, ref, policy)
     if args.out is not None:
         check_out_dir(args.out)
     home = home_of(args, writes=True)
@@ -325,7 +336,7 @@ def audit(args: argparse.Namespace) -> int:
     with output_dir(out), progress_bar(args) as progress:
         result = steps.audit_model(ModelStore(home), ref, args.members, args.nonmembers, policy,
                                    out, progress, args.seed, args.reference_models,
-                                   args.recipe)
+                                   args.recipe, args.reference_dir)
     doc = report_json(result) | {"report_dir": str(out)}
 
     def human() -> None:
@@ -359,6 +370,23 @@ def audit(args: argparse.Namespace) -> int:
 
     emit(args, doc, human)
     return 0 if result.verdict == "PASS" else 1
+
+
+def _draw_halves(args: argparse.Namespace, ref: VersionRef, policy: Policy) -> int:
+    if args.recipe or args.reference_dir or args.out:
+        raise BadInput("--draw-halves writes halves and audits nothing: without --recipe, "
+                       "--reference-dir or --out")
+    check_out_dir(args.draw_halves)
+    store = ModelStore(home_of(args, writes=True))
+    with output_dir(args.draw_halves):
+        halves = steps.draw_audit_halves(store, ref, args.members, args.nonmembers, policy,
+                                         args.draw_halves, args.seed, args.reference_models)
+    doc = halves.to_json() | {"out": str(args.draw_halves)}
+    emit(args, doc, lambda: console.print(
+        f"drew {halves.count} halves of the audit pool of {ref} into {args.draw_halves} "
+        f"(assignment {halves.digest}, recorded); train DIR/k/model.keras|.skops|.onnx on "
+        f"DIR/k/corpus, then audit with --reference-dir {args.draw_halves}"))
+    return 0
 
 
 def export(args: argparse.Namespace) -> int:

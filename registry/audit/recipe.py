@@ -118,29 +118,14 @@ _DTYPES = {"int32": np.int32, "int64": np.int64, "float32": np.float32}
 
 
 @dataclass(frozen=True)
-class FunctionRecipe:
-    """A public recipe function as the audit's :class:`Recipe`.
+class Encoding:
+    """How Passerelle turns stays into the target's input, and reads its output."""
 
-    Passerelle encodes every stay itself with the target's vocabulary (token ids or bag of
-    words, in ``dtype``), hands the function the half's stays whose code is in the target's
-    label table (a stay with another code cannot be a training example of that table), and
-    scores the model returned on every pool stay (softmax of its logits)."""
-
-    function: RecipeFunction
-    info: RecipeInfo
     vocabulary: Vocabulary
     input_kind: InputKind
-    dtype: str
-    codes: tuple[str, ...]
-    target_steps: int | None  # what the target took (declared, or the built-in schedule)
-    scores: str = "logits"  # what the returned model outputs: "logits" | "probabilities"
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    def steps(self, train_stays: int) -> int | None:
-        return self.target_steps
+    dtype: str  # "int32" | "int64" | "float32"
+    codes: tuple[str, ...]  # the target's label table: the output's columns
+    scores: str = "logits"  # what the model outputs: "logits" | "probabilities"
 
     def encode(self, stays: Examples) -> tuple[npt.NDArray[Any], tuple[str, ...]]:
         texts = tuple(select_text(s, self.vocabulary.config.sections) for s in stays.sections)
@@ -149,29 +134,52 @@ class FunctionRecipe:
             if self.input_kind is InputKind.BAG_OF_WORDS else ids
         return x.astype(_DTYPES[self.dtype]), texts
 
+
+@dataclass(frozen=True)
+class FunctionRecipe:
+    """A public recipe function as the audit's :class:`Recipe`.
+
+    Passerelle encodes every stay itself (:class:`Encoding`: the target's vocabulary,
+    input kind and dtype), hands the function the half's stays whose code is in the
+    target's label table (a stay with another code cannot be a training example of that
+    table), and scores the model returned on every pool stay (softmax of its logits)."""
+
+    function: RecipeFunction
+    info: RecipeInfo
+    encoding: Encoding
+    target_steps: int | None  # what the target took (declared, or the built-in schedule)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def steps(self, train_stays: int) -> int | None:
+        return self.target_steps
+
     def fit(self, train: Examples, seed: int, steps: int | None) -> StayScorer:
-        index = {c: i for i, c in enumerate(self.codes)}
+        codes = self.encoding.codes
+        index = {c: i for i, c in enumerate(codes)}
         known = train.subset([i for i, c in enumerate(train.codes) if c in index])
-        x, texts = self.encode(known)
+        x, texts = self.encoding.encode(known)
         training = TrainingSet(inputs=x, labels=np.array([index[c] for c in known.codes],
                                                          dtype=np.int64),
-                               texts=texts, codes=self.codes, seed=seed, steps=steps,
-                               vocabulary_size=len(self.vocabulary))
+                               texts=texts, codes=codes, seed=seed, steps=steps,
+                               vocabulary_size=len(self.encoding.vocabulary))
         try:
             model = self.function(training)
         except Exception as e:  # the vendor's code failed: its error, on one line
             raise BadInput(f"recipe {self.name!r} raised {type(e).__name__}: "
                            f"{_one_line(e)}") from e
-        return model_scorer(model, self, f"recipe {self.name!r}")
+        return model_scorer(model, self.encoding, f"recipe {self.name!r}")
 
 
-def model_scorer(model: Any, recipe: FunctionRecipe, what: str) -> StayScorer:
-    """p(true code) per stay under ``model`` (checked on a first stay: BadInput if it
-    cannot be scored or its output is not one score per code of the table)."""
+def model_scorer(model: Any, encoding: Encoding, what: str) -> StayScorer:
+    """p(true code) per stay under ``model`` (BadInput if it cannot be scored or its output
+    is not one score per code of the table)."""
     def score(stays: Examples) -> FloatArray:
-        x, texts = recipe.encode(stays)
-        logits = _checked_logits(model, x, texts, recipe.scores, len(recipe.codes), what)
-        return true_label_probability(softmax(logits), recipe.codes, stays.codes)
+        x, texts = encoding.encode(stays)
+        logits = _checked_logits(model, x, texts, encoding.scores, len(encoding.codes), what)
+        return true_label_probability(softmax(logits), encoding.codes, stays.codes)
 
     return score
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from passerelle.corpus import Corpus, manifest_digest, read_corpus
+from passerelle.corpus import Corpus, manifest_digest, read_corpus, write_corpus
 from passerelle.errors import BadInput
 from passerelle.recipes import (
     BUILTIN,
@@ -59,10 +59,23 @@ from registry.audit.attacks import (
     tune_rmia_a,
 )
 from registry.audit.canary import Exposure, canary_exposure
+from registry.audit.halves import (
+    CORPUS as HALF_CORPUS,
+)
+from registry.audit.halves import (
+    HALVES_FILE,
+    Halves,
+    assign_halves,
+    assignment_digest,
+    halves_recorded,
+    patients_digest,
+    provided_references,
+    read_halves,
+)
 from registry.audit.metrics import AttackMetrics, evaluate_attack, roc_curve
 from registry.audit.plots import plot_roc
 from registry.audit.policy import MAX_REFERENCE_MODELS, Policy
-from registry.audit.recipe import CoderRecipe, FunctionRecipe, Recipe
+from registry.audit.recipe import CoderRecipe, Encoding, FunctionRecipe, Recipe
 from registry.audit.reserve import Reserve, open_reserve
 from registry.audit.scan import ScanReport, scan_export_dir
 from registry.audit.scoring import OnnxScorer, true_label_probability
@@ -208,13 +221,25 @@ def check_declared_split(model_dir: ModelDir, train: Examples, held: Examples) -
                        "encoding of the declared held-out stays")
 
 
-def audit_version(
-    store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
-    policy: Policy, workdir: Path, progress: Progress | None = None, seed: int = 0,
-    reference_models: int | None = None, pinned_digest: str | None = None,
-    recipe: str | None = None,
-) -> AuditResult:
-    count = reference_model_count(policy, reference_models)
+@dataclass(frozen=True)
+class _Pool:
+    """The audit's inputs, checked: the model directory, the split, the pool."""
+
+    model_dir: ModelDir
+    config: CoderConfig
+    members_corpus: Corpus
+    reserve: Reserve
+    members: Examples
+    held: Examples
+    reserve_ex: Examples
+    population: Examples
+    pool: Examples  # members, then reserve, then held-out
+    member_stays: list[Any]
+
+
+def _prepare(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
+             policy: Policy, workdir: Path, seed: int) -> _Pool:
+    """Steps 1-3: corpora, declared split, non-members and the pool."""
     info = store.get(ref)
     fingerprint = info.tags.get(TAG + "dataset_fingerprint")
     if not fingerprint or manifest_digest(members_dir) != fingerprint:
@@ -239,16 +264,40 @@ def audit_version(
         raise BadInput(f"the sealed reserve has {len(set(reserve_ex.patient_ids))} patients to "
                        f"score (after the population share), below the policy's minimum "
                        f"{policy.reserve.min_patients}: seal a larger fraction")
+    pool = _concat(members, reserve_ex, held)
+    return _Pool(model_dir, config, members_corpus, reserve, members, held, reserve_ex,
+                 population, pool, member_stays)
+
+
+def audit_version(
+    store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
+    policy: Policy, workdir: Path, progress: Progress | None = None, seed: int = 0,
+    reference_models: int | None = None, pinned_digest: str | None = None,
+    recipe: str | None = None, reference_dir: Path | None = None,
+) -> AuditResult:
+    count = reference_model_count(policy, reference_models)
+    info = store.get(ref)
+    p = _prepare(store, ref, members_dir, sealed_dir, policy, workdir, seed)
+    model_dir, config, members_corpus = p.model_dir, p.config, p.members_corpus
+    members, held, reserve_ex, population = p.members, p.held, p.reserve_ex, p.population
+    member_stays = p.member_stays
     nonmembers = _concat(reserve_ex, held)
+    halves = None if reference_dir is None else _recorded_halves(store, ref, reference_dir,
+                                                                 count, seed)
 
     export = shippable(store, ref, workdir / "onnx")
-    pool = _concat(members, nonmembers)
+    pool = p.pool
     is_member = np.array([True] * len(members) + [False] * len(nonmembers))
     target = OnnxScorer(export.directory)
 
     target_p, correct = _target_scores(target, pool)
     target_z = _target_scores(target, population)[0]
-    choice = select_recipe(model_dir, recipe, config, export.directory, len(members))
+    if reference_dir is not None and halves is not None:
+        provided = provided_references(reference_dir, halves, count,
+                                       target_encoding(model_dir))
+        choice = RecipeChoice(provided, provided.info)
+    else:
+        choice = select_recipe(model_dir, recipe, config, export.directory, len(members))
     maker = choice.recipe
     steps = maker.steps(len(members))
     ref_p, ref_z, in_mask = _reference_models(pool, population, maker, steps, count,
@@ -348,14 +397,68 @@ def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | N
             ONNX_REINIT, RecipeKind.ONNX_REINIT, source_digest(onnx_reinit_recipe)))
     else:
         loaded = load_recipe(spec)
-    meta = model_dir.metadata
-    declared = meta.training.get("steps")
+    declared = model_dir.metadata.training.get("steps")
     steps = declared if isinstance(declared, int) and declared > 0 else (
         CoderRecipe(config).steps(train_stays) if config is not None else None)
-    recipe = FunctionRecipe(
-        loaded.function, loaded.info, Vocabulary.load(model_dir.path / VOCABULARY),
-        meta.input_kind, _INPUT_DTYPES[meta.input_kind.value], meta.codes, steps)
+    recipe = FunctionRecipe(loaded.function, loaded.info, target_encoding(model_dir), steps)
     return RecipeChoice(recipe, loaded.info)
+
+
+def target_encoding(model_dir: ModelDir) -> Encoding:
+    """How the target reads stays: its vocabulary, input kind and dtype, label table."""
+    meta = model_dir.metadata
+    return Encoding(Vocabulary.load(model_dir.path / VOCABULARY), meta.input_kind,
+                    _INPUT_DTYPES[meta.input_kind.value], meta.codes)
+
+
+def draw_halves(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
+                policy: Policy, workdir: Path, out: Path, seed: int = 0,
+                reference_models: int | None = None) -> Halves:
+    """Write the K half-corpora the audit's reference models would be trained on
+    (registry.audit.halves) into ``out``, and their halves.json; the caller records it."""
+    count = reference_model_count(policy, reference_models)
+    p = _prepare(store, ref, members_dir, sealed_dir, policy, workdir, seed)
+    patients = sorted(set(p.pool.patient_ids))
+    assignment = assign_halves(patients, count, seed)
+    pool_patients = set(patients)
+    stays = [s for s in p.members_corpus.stays if s.patient_id in pool_patients] + \
+        [s for s in p.reserve.corpus.stays if s.patient_id in pool_patients
+         and s.patient_id in p.reserve.patients]
+    half_digests, corpus_digests = [], []
+    for k in range(count):
+        inside = {patients[j] for j in np.flatnonzero(assignment[k])}
+        half = Corpus(site=p.members_corpus.site, seed=p.members_corpus.seed,
+                      stays=tuple(s for s in stays if s.patient_id in inside), canaries=())
+        write_corpus(half, out / str(k) / HALF_CORPUS)
+        half_digests.append(patients_digest(sorted(inside)))
+        corpus_digests.append(manifest_digest(out / str(k) / HALF_CORPUS))
+    halves = Halves(model=ref.name, version=ref.version, seed=seed, count=count,
+                    half_digests=tuple(half_digests), corpus_digests=tuple(corpus_digests),
+                    digest=assignment_digest(half_digests))
+    (out / HALVES_FILE).write_text(json.dumps(halves.to_json(), indent=1) + "\n")
+    return halves
+
+
+def _recorded_halves(store: ModelStore, ref: VersionRef, directory: Path, count: int,
+                     seed: int) -> Halves:
+    """halves.json of ``directory``, which must be a draw recorded for ``ref`` with this
+    audit's seed and reference-model count."""
+    halves = read_halves(directory)
+    if (halves.model, halves.version) != (ref.name, ref.version):
+        raise BadInput(f"{directory / HALVES_FILE} was drawn for {halves.model}/"
+                       f"{halves.version}, not {ref}")
+    if halves.seed != seed:
+        raise BadInput(f"{directory / HALVES_FILE} was drawn with --seed {halves.seed}; this "
+                       f"audit runs with --seed {seed}")
+    if not halves_recorded(store.home, halves):
+        raise BadInput(f"{directory / HALVES_FILE}: no audit_halves_drawn record of this site "
+                       f"has its digest {halves.digest}: the halves were not drawn here (or "
+                       "were changed since)")
+    for k, digest in enumerate(halves.corpus_digests):
+        corpus = directory / str(k) / HALF_CORPUS
+        if corpus.is_dir() and manifest_digest(corpus) != digest:
+            raise BadInput(f"{corpus} is not the half-corpus drawn (its digest changed)")
+    return halves
 
 
 def _reserve_parts(reserve: Reserve, policy: Policy, seed: int) -> tuple[Examples, Examples]:
@@ -389,13 +492,10 @@ def _reference_models(
     Each pool patient is IN for half of the models (count even) or half +- 1 (count odd);
     population patients are IN for none. Every model gets ``steps`` gradient steps."""
     patients = sorted(set(pool.patient_ids))
-    rng = np.random.default_rng(seed + 7919)
     ref_p = np.zeros((count, len(pool)))
     ref_z = np.zeros((count, len(population)))
     in_mask = np.zeros((count, len(pool)), dtype=bool)
-    assignment = np.zeros((count, len(patients)), dtype=bool)
-    for j in range(len(patients)):
-        assignment[rng.permutation(count)[: count // 2 + (j % 2) * (count % 2)], j] = True
+    assignment = assign_halves(patients, count, seed)
     index = {p: j for j, p in enumerate(patients)}
     column = np.array([index[p] for p in pool.patient_ids])
     for k in range(count):
