@@ -228,3 +228,104 @@ def test_an_audit_with_onnx_reinit_records_it(
     assert isinstance(recipe, dict) and recipe["kind"] == "onnx-reinit"
     assert recipe["digest"] == sha256_file(ROOT / "registry" / "audit" / "onnx_reinit.py")
     assert _audit_records(site.home)[-1]["recipe_kind"] == "onnx-reinit"
+
+
+# --------------------------------------------- reference models trained by the vendor
+
+
+def _vendor_trains(site: Site, halves_dir: Path, model: Path) -> None:
+    """The vendor's side: its Keras Conv1D on each drawn half, encoded with its own
+    vocabulary and label table (those of the registered model directory)."""
+    from passerelle.corpus import read_corpus
+    from registry.vocabulary import Vocabulary, select_text
+
+    vocab = Vocabulary.load(model / "vocabulary.json")
+    codes = tuple(json.loads((model / "labels.json").read_text())["codes"])
+    index = {c: i for i, c in enumerate(codes)}
+    for k in range(4):
+        stays = [s for s in read_corpus(halves_dir / str(k) / "corpus").stays
+                 if s.main_diagnosis in index]
+        texts = tuple(select_text(s.sections.as_dict(), vocab.config.sections) for s in stays)
+        training = TrainingSet(vocab.encode(list(texts)),
+                               np.array([index[s.main_diagnosis] for s in stays], np.int64),
+                               texts, codes, 100 + k, None, len(vocab))
+        vendor_recipes.keras_conv1d(training).save(halves_dir / str(k) / "model.keras")
+
+
+@pytest.mark.slow
+def test_reference_models_the_vendor_trained_on_recorded_halves_are_scored_and_recorded(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    from registry.audit.halves import home_copy, models_digest, read_halves
+
+    halves_dir = tmp_path / "halves"
+    policy = small_policy(tmp_path / "p.toml")
+    base = ["model", "audit", str(site.ref), "--members", str(site.train), "--nonmembers",
+            str(site.data), "--home", str(site.home), "--policy", str(policy)]
+    assert main([*base, "--draw-halves", str(halves_dir)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    halves = read_halves(halves_dir)
+    assert halves.count == 4 and sorted(p.name for p in halves_dir.iterdir()) == [
+        "0", "1", "2", "3", "halves.json"]
+    assert home_copy(site.home, halves).read_bytes() == (halves_dir / "halves.json").read_bytes()
+    with open_ledger(site.home) as ledger:
+        drawn = ledger.records(kind=RecordKind.AUDIT_HALVES_DRAWN)
+    assert drawn[-1].fields["assignment_digest"] == halves.digest
+    # each pool patient is IN for two of the four halves
+    from passerelle.corpus import read_corpus
+
+    ins: dict[str, int] = {}
+    for k in range(4):
+        for p in {s.patient_id for s in read_corpus(halves_dir / str(k) / "corpus").stays}:
+            ins[p] = ins.get(p, 0) + 1
+    assert set(ins.values()) == {2}
+
+    _vendor_trains(site, halves_dir, _model_dir(site))
+    records = len(_audit_records(site.home))
+
+    def refused(directory: Path, message: str, *extra: str) -> None:
+        code = main([*base, "--reference-dir", str(directory), "--out", str(tmp_path / "r"),
+                     *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "r").exists() and len(_audit_records(site.home)) == records
+
+    bad = tmp_path / "bad"
+    shutil.copytree(halves_dir, bad)
+    (bad / "3" / "model.keras").unlink()
+    refused(bad, "no reference model")
+    shutil.copyfile(bad / "2" / "model.keras", bad / "3" / "model.keras")
+    (bad / "4").mkdir()
+    refused(bad, "unexpected 4")
+    (bad / "4").rmdir()
+    shutil.copyfile(bad / "3" / "model.keras", bad / "3" / "model.onnx")
+    refused(bad, "several reference models")
+    (bad / "3" / "model.onnx").unlink()
+    refused(halves_dir, "drawn with --seed 0", "--seed", "1")
+    # a swapped assignment, made self-consistent: no record of the site commits to it
+    doc = json.loads((halves_dir / "halves.json").read_text())
+    doc["halves"][0], doc["halves"][1] = doc["halves"][1], doc["halves"][0]
+    for i, h in enumerate(doc["halves"]):
+        h["index"] = i
+    from registry.audit.halves import assignment_digest
+
+    doc["assignment_digest"] = assignment_digest([h["patients_digest"] for h in doc["halves"]])
+    (bad / "halves.json").write_text(json.dumps(doc))
+    refused(bad, "no audit_halves_drawn record")
+
+    code = main([*base, "--reference-dir", str(halves_dir), "--out", str(tmp_path / "r"),
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code in (0, 1), captured.err
+    report = json.loads(captured.out)
+    files = [halves_dir / str(k) / "model.keras" for k in range(4)]
+    assert report["recipe"] == {"name": "vendor-references", "kind": "vendor-references",
+                                "digest": models_digest(files)}
+    assert report["reference_models"] == 4
+    assert _audit_records(site.home)[-1]["recipe_kind"] == "vendor-references"
+
+
+def _model_dir(site: Site) -> Path:
+    return site.train.parent / "m"
