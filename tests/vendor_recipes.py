@@ -18,20 +18,32 @@ CALLS: list[tuple[int, int, int | None]] = []  # (seed, stays, steps) of every c
 
 
 def keras_conv1d(training: TrainingSet) -> Any:
+    """Embedding(16) -> Conv1D(16, 3) -> global max -> Dense; 4 epochs by default."""
+    CALLS.append((training.seed, len(training.labels), training.steps))
+    return _conv1d(training, embedding=16, filters=16, kernel=3, epochs=4)
+
+
+def keras_conv1d_wide(training: TrainingSet) -> Any:
+    """Embedding(64) -> Conv1D(128, 5) -> global max -> Dense; 8 epochs by default (the
+    size of the issue's vendor Conv1D, for scripts/audit_vendor.py)."""
+    return _conv1d(training, embedding=64, filters=128, kernel=5, epochs=8)
+
+
+def _conv1d(training: TrainingSet, embedding: int, filters: int, kernel: int,
+            epochs: int) -> Any:
     import tensorflow as tf
 
-    CALLS.append((training.seed, len(training.labels), training.steps))
     tf.keras.utils.set_random_seed(training.seed)
     layers = tf.keras.layers
     ids = tf.keras.Input((training.inputs.shape[1],), dtype="int32", name="token_ids")
-    h = layers.Embedding(training.vocabulary_size, 16, name="embedding")(ids)
-    h = layers.Conv1D(16, 3, padding="same", activation="relu", name="conv")(h)
+    h = layers.Embedding(training.vocabulary_size, embedding, name="embedding")(ids)
+    h = layers.Conv1D(filters, kernel, padding="same", activation="relu", name="conv")(h)
     h = layers.GlobalMaxPooling1D(name="pool")(h)
     model = tf.keras.Model(ids, layers.Dense(len(training.codes), name="logits")(h))
     model.compile(optimizer=tf.keras.optimizers.Adam(5e-3),
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     per_epoch = max(1, math.ceil(len(training.labels) / BATCH))
-    epochs = max(1, round((training.steps or 4 * per_epoch) / per_epoch))
+    epochs = max(1, round((training.steps or epochs * per_epoch) / per_epoch))
     model.fit(training.inputs, training.labels, batch_size=BATCH, epochs=epochs, verbose=0,
               shuffle=True)
     return model
