@@ -207,6 +207,8 @@ def check_declared_split(model_dir: ModelDir, train: Examples, held: Examples) -
             raise BadInput(f"the declared split does not reproduce: the model directory "
                            f"records {key} = {declared}, the recipe's seed and held-out "
                            f"fraction give {value}")
+    if not len(held):  # trained on all: the parity inputs are a keyed sample of training
+        return
     vocab = Vocabulary.load(model_dir.path / VOCABULARY)
     meta = model_dir.metadata
     expected = encode_stays(meta.input_kind, meta.dtype, vocab,
@@ -226,7 +228,8 @@ class _Pool:
     """The audit's inputs, checked: the model directory, the split, the pool."""
 
     model_dir: ModelDir
-    config: CoderConfig
+    config: CoderConfig | None  # the built-in coder's config (None: a vendor's model)
+    split_seed: int  # the declared split's seed (the reference models' base seed)
     members_corpus: Corpus
     reserve: Reserve
     members: Examples
@@ -250,12 +253,15 @@ def _prepare(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: 
     if {s.patient_id for s in members_corpus.stays} & reserve.patients:
         raise BadInput(f"{members_dir} holds patients of the sealed reserve")
     model_dir = fetch_model_dir(store, info, workdir / "source")
-    try:
-        config = CoderConfig.from_json(model_dir.metadata.training["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadInput(f"{ref}: the training recipe cannot be read: {e}") from e
+    config, heldout = declared_split(ref, model_dir)
     everything = _examples(members_corpus)
-    train_idx, held_idx = split_by_patient(everything, config.heldout_fraction, config.seed)
+    if heldout is None:  # declared trained on all of the corpus: no held-out patients
+        train_idx, held_idx = list(range(len(everything))), list[int]()
+    else:
+        try:
+            train_idx, held_idx = split_by_patient(everything, *heldout)
+        except ValueError as e:
+            raise BadInput(f"{ref}: the declared held-out split: {e}") from e
     members, held = everything.subset(train_idx), everything.subset(held_idx)
     check_declared_split(model_dir, members, held)
     member_stays = [members_corpus.stays[i] for i in train_idx]
@@ -265,8 +271,32 @@ def _prepare(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: 
                        f"score (after the population share), below the policy's minimum "
                        f"{policy.reserve.min_patients}: seal a larger fraction")
     pool = _concat(members, reserve_ex, held)
-    return _Pool(model_dir, config, members_corpus, reserve, members, held, reserve_ex,
-                 population, pool, member_stays)
+    return _Pool(model_dir, config, 0 if heldout is None else heldout[1], members_corpus,
+                 reserve, members, held, reserve_ex, population, pool, member_stays)
+
+
+def declared_split(ref: VersionRef, model_dir: ModelDir) -> tuple[CoderConfig | None,
+                                                                   tuple[float, int] | None]:
+    """(the built-in coder's config or None, the declared held-out (fraction, seed) or
+    None when the model was declared trained on all of its corpus)."""
+    training = model_dir.metadata.training
+    if "config" in training:
+        try:
+            config = CoderConfig.from_json(training["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{ref}: the training recipe cannot be read: {e}") from e
+        return config, (config.heldout_fraction, config.seed)
+    if "heldout" not in training:
+        raise BadInput(f"{ref}: the training recipe cannot be read: the model directory "
+                       "records neither the built-in coder's config nor training.heldout")
+    heldout = training["heldout"]
+    if heldout is None:
+        return None, None
+    try:
+        fraction, seed = float(heldout["fraction"]), int(heldout["seed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{ref}: training.heldout is malformed: {e}") from e
+    return None, (fraction, seed)
 
 
 def audit_version(
@@ -301,7 +331,7 @@ def audit_version(
     maker = choice.recipe
     steps = maker.steps(len(members))
     ref_p, ref_z, in_mask = _reference_models(pool, population, maker, steps, count,
-                                              config.seed, seed, progress)
+                                              p.split_seed, seed, progress)
     rmia_a = tune_rmia_a(ref_p, in_mask, ref_z)
     scores = {
         "loss-threshold": loss_threshold_scores(target_p),
@@ -318,8 +348,9 @@ def audit_version(
         heldout_top1=held_stat[0], heldout_stays=n_h, reserve_top1=reserve_stat[0],
         reserve_stays=len(reserve_ex), reserve_patients=len(set(reserve_ex.patient_ids)),
         population_patients=len(set(population.patient_ids)),
-        heldout_above_reserve_z=_z(held_stat, reserve_stat),
-        reserve_above_heldout_z=_z(reserve_stat, held_stat))
+        # no declared held-out patients (trained on all): nothing to compare the reserve to
+        heldout_above_reserve_z=_z(held_stat, reserve_stat) if n_h else 0.0,
+        reserve_above_heldout_z=_z(reserve_stat, held_stat) if n_h else 0.0)
     privacy_unit = info.tags.get(TAG + "privacy_unit", "patient")
     metrics, rocs = {}, {}
     for name, s in scores.items():
@@ -346,7 +377,7 @@ def audit_version(
         policy_digest=policy.digest, policy_pinned=policy.digest == pinned,
         pinned_digest=pinned, privacy_unit=privacy_unit, members=units_m,
         nonmembers=units_n, reference_models=count, recipe=choice.info, target_steps=steps,
-        reference_epochs=(CoderRecipe(config).epochs_for(len(pool) // 2, steps)
+        reference_epochs=(maker.epochs_for(len(pool) // 2, steps)
                           if isinstance(maker, CoderRecipe) else None),
         rmia_a=rmia_a, split=split,
         attacks=metrics, canaries=tuple(exposures), canaries_held_out=held_out_canaries,
@@ -379,14 +410,19 @@ def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | N
       by :class:`FunctionRecipe` to the target's vocabulary, input kind and dtype.
     A public recipe is given the target's steps: declared in the model directory
     (``training.steps``), else the built-in schedule's count when the config is known."""
+    declared = model_dir.metadata.training.get("recipe")
+    if spec is None and isinstance(declared, str) and declared:
+        spec = declared  # the manifest's training.recipe (recorded as the spec it names)
     if config is not None and spec in (None, BUILTIN):
         from registry.coder import fit_coder
 
         return RecipeChoice(CoderRecipe(config),
                             RecipeInfo(BUILTIN, RecipeKind.BUILTIN, source_digest(fit_coder)))
+    if spec is None and model_dir.metadata.framework.value == "onnx":
+        spec = ONNX_REINIT  # an ONNX-only model without a recipe: retrained copies
     if spec is None:
         raise BadInput(f"{model_dir.path.name}: no recipe is recorded for this model: give "
-                       "--recipe NAME|module:function, or onnx-reinit for an ONNX-only model")
+                       "--recipe NAME|module:function, or onnx-reinit")
     if spec == ONNX_REINIT:
         import onnx
 
@@ -397,8 +433,8 @@ def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | N
             ONNX_REINIT, RecipeKind.ONNX_REINIT, source_digest(onnx_reinit_recipe)))
     else:
         loaded = load_recipe(spec)
-    declared = model_dir.metadata.training.get("steps")
-    steps = declared if isinstance(declared, int) and declared > 0 else (
+    declared_steps = model_dir.metadata.training.get("steps")
+    steps = declared_steps if isinstance(declared_steps, int) and declared_steps > 0 else (
         CoderRecipe(config).steps(train_stays) if config is not None else None)
     recipe = FunctionRecipe(loaded.function, loaded.info, target_encoding(model_dir), steps)
     return RecipeChoice(recipe, loaded.info)
