@@ -207,7 +207,8 @@ def _add_audit(group: Subparsers) -> None:
                    "passerelle.recipes (passerelle-coder is the built-in coder), "
                    "module:function, or onnx-reinit (re-initialised copies of the ONNX "
                    "retrained by the executor); recorded with the verdict (default: the "
-                   "model's own: the built-in coder for `model train` models)")
+                   "manifest's training.recipe, else the built-in coder for `model train` "
+                   "models, onnx-reinit for ONNX-only models)")
     p.add_argument("--draw-halves", type=Path, metavar="DIR",
                    help="do not audit: write the K half-corpora (DIR/k/corpus, the stays "
                    "reference model k is trained on; K = the policy's count) and "
