@@ -329,3 +329,78 @@ def test_reference_models_the_vendor_trained_on_recorded_halves_are_scored_and_r
 
 def _model_dir(site: Site) -> Path:
     return site.train.parent / "m"
+
+
+# ------------------------------------------- vendors' model directories (format v2)
+
+
+@pytest.fixture(scope="module")
+def vendor_conv1d(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vendor's side: its Conv1D trained with its recipe on the declared training
+    patients of the sealed training corpus, encoded with its own vocabulary; the folder
+    holds model.keras, model.onnx (the same model exported), vocabulary, labels."""
+    from passerelle.corpus import label_table, read_corpus
+    from registry.coder import split_by_patient
+    from registry.vocabulary import VocabularyConfig, build_vocabulary, select_text
+
+    folder = tmp_path_factory.mktemp("vendor-conv1d")
+    examples = steps.examples_of(read_corpus(site.train))
+    train_idx, _ = split_by_patient(examples, 0.2, 7)
+    train = examples.subset(train_idx)
+    config = VocabularyConfig(max_len=64)
+    vocab = build_vocabulary(train.texts(config), train.patient_ids, config)
+    codes = tuple(sorted(set(train.codes)))
+    texts = tuple(select_text(s, config.sections) for s in train.sections)
+    training = TrainingSet(vocab.encode(list(texts)),
+                           np.array([codes.index(c) for c in train.codes], np.int64), texts,
+                           codes, 7, None, len(vocab))
+    model = vendor_recipes.keras_conv1d(training)
+    model.save(folder / "model.keras")
+    from adapters.onnx_export import keras_to_onnx
+
+    (folder / "model.onnx").write_bytes(keras_to_onnx(model, 64).SerializeToString())
+    vocab.save(folder / "vocabulary.json")
+    table = label_table()
+    (folder / "labels.json").write_text(json.dumps(
+        {"codes": list(codes), "labels": {c: table[c] for c in codes}}, ensure_ascii=False))
+    return folder
+
+
+def _manifest(folder: Path, recipe: str | None) -> Path:
+    path = folder / f"manifest-{recipe or 'none'}.json".replace(":", "_")
+    path.write_text(json.dumps({
+        "format": "passerelle-manifest", "format_version": 1, "architecture": "conv1d",
+        "input": {"kind": "token_ids", "vocabulary": "vocabulary.json", "dtype": "int32"},
+        "output": {"labels": "labels.json", "multi_label": False, "scores": "logits"},
+        "training": {"heldout": {"fraction": 0.2, "seed": 7}, "steps": 20,
+                     "recipe": recipe}}))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, recipe, kind", [
+    ("model.keras", CONV1D, "module"),  # the manifest's training.recipe
+    ("model.onnx", None, "onnx-reinit"),  # an ONNX-only model without a recipe
+])
+def test_a_vendor_model_directory_is_audited_with_the_recipe_its_manifest_names(
+    source: str, recipe: str | None, kind: str, site: Site, vendor_conv1d: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = ModelStore(site.home)
+    ref = steps.register_model(store, vendor_conv1d / source, f"vendor-{kind}", "PMSI coding",
+                               "GDPR 6(1)(e)", site.train,
+                               manifest=_manifest(vendor_conv1d, recipe)).ref
+    vendor_recipes.CALLS.clear()
+    code = main(["model", "audit", str(ref), "--members", str(site.train), "--nonmembers",
+                 str(site.data), "--home", str(site.home), "--policy",
+                 str(small_policy(tmp_path / "p.toml")), "--out", str(tmp_path / "r"),
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code in (0, 1), captured.err
+    report = json.loads(captured.out)
+    assert report["recipe"]["kind"] == kind and report["target_steps"] == 20
+    assert report["split"]["heldout_stays"] > 0
+    if kind == "module":  # the vendor's function, for the declared 20 steps
+        assert report["recipe"]["name"] == CONV1D
+        assert [s for _, _, s in vendor_recipes.CALLS] == [20] * 4
+    assert _audit_records(site.home)[-1]["recipe_kind"] == kind

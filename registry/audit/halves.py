@@ -134,26 +134,15 @@ def reference_files(directory: Path, count: int) -> list[Path]:
 
 
 def load_reference(path: Path) -> Any:
-    """A vendor's reference model: Keras (safe mode), skops (trusted types only), ONNX
-    (no external data). BadInput if it cannot be loaded."""
+    """A vendor's reference model, loaded as the intake loads sources (registry.sources:
+    Keras in safe mode, skops with trusted types only, ONNX without external data)."""
+    from registry.sources import load_source
+
+    framework = {".keras": "keras", ".skops": "sklearn", ".onnx": "onnx"}[path.suffix]
     try:
-        if path.suffix == ".onnx":
-            import onnx
-
-            model = onnx.load(str(path), load_external_data=False)
-            if any(t.data_location == onnx.TensorProto.EXTERNAL
-                   for t in model.graph.initializer):
-                raise ValueError("external data is refused")
-            onnx.checker.check_model(model)
-            return model
-        from registry.coder import load_source_model
-        from registry.model_dir import Framework
-
-        framework = Framework.KERAS if path.suffix == ".keras" else Framework.SKLEARN
-        return load_source_model(path, framework)
-    except Exception as e:  # a vendor's file: whatever fails, it is bad input
-        raise BadInput(f"{path}: the reference model cannot be loaded: "
-                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        return load_source(path, framework)
+    except BadInput as e:
+        raise BadInput(f"{path}: the reference model cannot be loaded: {e}") from e
 
 
 def models_digest(files: Sequence[Path]) -> str:

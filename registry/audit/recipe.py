@@ -199,40 +199,28 @@ def _checked_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], sco
     return out
 
 
-def _model_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...], scores: str,
-                  batch: int = 512) -> npt.NDArray[np.float64]:
-    """(n, C) logits of a Keras model, a scikit-learn estimator or an onnx.ModelProto.
+def _model_logits(model: Any, x: npt.NDArray[Any], texts: tuple[str, ...],
+                  scores: str) -> npt.NDArray[np.float64]:
+    """(n, C) logits of what a recipe returned, through the intake's framework bridge
+    (registry.sources.source_logits) once its framework is known from its type."""
+    from registry.sources import source_logits
 
-    (Private until registry.sources.source_logits, the intake's bridge, replaces it.)"""
+    return np.asarray(source_logits(model, framework_of_model(model), x, texts, scores),
+                      dtype=np.float64)
+
+
+def framework_of_model(model: Any) -> str:
+    """"onnx" | "sklearn" | "keras" from the type of a model in memory (TypeError else)."""
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        feed = session.get_inputs()[0].name
-        names = [o.name for o in session.get_outputs()]
-        output = "logits" if "logits" in names else names[0]
-        parts = [session.run([output], {feed: x[i:i + batch]})[0]
-                 for i in range(0, len(x), batch)]
-    elif hasattr(model, "decision_function") or hasattr(model, "predict_proba"):
-        if hasattr(model, "decision_function"):
-            d = np.asarray(model.decision_function(x), dtype=np.float64)
-            return np.stack([-d, d], axis=1) if d.ndim == 1 else d
-        return np.log(np.clip(np.asarray(model.predict_proba(x), np.float64), 1e-12, None))
-    elif "tensorflow" in sys.modules and isinstance(model, sys.modules["tensorflow"].keras.Model):
-        parts = [np.asarray(model(x[i:i + batch], training=False))
-                 for i in range(0, len(x), batch)]
-    else:
-        raise TypeError(f"a {type(model).__module__}.{type(model).__name__} is neither a "
-                        "Keras model, a scikit-learn estimator nor an onnx.ModelProto")
-    out = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, 0))
-    if scores == "probabilities":
-        out = np.log(np.clip(out, 1e-12, None))
-    return out
+        return "onnx"
+    if hasattr(model, "decision_function") or hasattr(model, "predict_proba"):
+        return "sklearn"
+    if "tensorflow" in sys.modules and isinstance(model, sys.modules["tensorflow"].keras.Model):
+        return "keras"
+    raise TypeError(f"a {type(model).__module__}.{type(model).__name__} is neither a Keras "
+                    "model, a scikit-learn estimator nor an onnx.ModelProto")
 
 
 def _one_line(e: BaseException) -> str:

@@ -82,7 +82,7 @@ from registry.audit.scoring import OnnxScorer, true_label_probability
 from registry.coder import N_PARITY_INPUTS, CoderConfig, Examples, split_by_patient
 from registry.export import fetch_model_dir, shippable
 from registry.intake import encode_stays
-from registry.model_dir import PARITY_INPUTS, VOCABULARY, ModelDir
+from registry.model_dir import MANIFEST, PARITY_INPUTS, VOCABULARY, ModelDir
 from registry.store import TAG, ModelStore, VersionRef
 from registry.tracking import audit_metrics
 from registry.vocabulary import Vocabulary, count_tokens, select_text
@@ -395,9 +395,6 @@ class RecipeChoice:
     info: RecipeInfo
 
 
-_INPUT_DTYPES = {"token_ids": "int32", "bag_of_words": "float32"}
-
-
 def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | None,
                   ship_dir: Path, train_stays: int) -> RecipeChoice:
     """The recipe that trains the reference models, and what the audit records of it.
@@ -441,10 +438,18 @@ def select_recipe(model_dir: ModelDir, spec: str | None, config: CoderConfig | N
 
 
 def target_encoding(model_dir: ModelDir) -> Encoding:
-    """How the target reads stays: its vocabulary, input kind and dtype, label table."""
+    """How the target reads stays: its vocabulary, input kind and dtype, label table, and
+    what its outputs are (the manifest's output.scores; logits without a manifest)."""
     meta = model_dir.metadata
+    scores = "logits"
+    if (model_dir.path / MANIFEST).is_file():
+        try:
+            doc = json.loads((model_dir.path / MANIFEST).read_text(encoding="utf-8"))
+            scores = str(doc["output"]["scores"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BadInput(f"{model_dir.path / MANIFEST}: unreadable manifest: {e}") from e
     return Encoding(Vocabulary.load(model_dir.path / VOCABULARY), meta.input_kind,
-                    _INPUT_DTYPES[meta.input_kind.value], meta.codes)
+                    meta.dtype.value, meta.codes, scores)
 
 
 def draw_halves(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: Path,
