@@ -3,14 +3,14 @@
 
 One site X corpus is generated and sealed (the audit's reserve); the vendor's Conv1D
 (``--recipe``, default tests/vendor_recipes.py ``keras_conv1d_wide``: Embedding 64,
-Conv1D 128x5, global max, Dense; Adam, 8 epochs of 32) is trained on the training
-patients with Passerelle's vocabulary and split, registered, and audited three times,
-each time with other reference models:
+Conv1D 128x5, global max, Dense; Adam, 8 epochs of 32) is trained by the vendor on the
+training patients it declares, registered as a Keras file with its manifest (model
+directory v2), and audited three times, each time with other reference models:
 
-- ``own recipe``: the vendor's function (``--recipe module:function``), for the target's
-  declared steps: what the audit must use;
-- ``built-in coder``: the embedding-mean coder (what a vendor model disguised as the
-  built-in one was audited with before recipes existed);
+- ``own``: the vendor's function, named by its manifest's ``training.recipe``, for the
+  target's declared steps: what the audit uses by default;
+- ``builtin``: the built-in embedding-mean coder (``--recipe passerelle-coder``; what a
+  vendor model disguised as the built-in one was audited with before recipes existed);
 - ``onnx-reinit``: re-initialised copies of the shipped ONNX, retrained by the executor
   (what an ONNX-only model without a recipe gets).
 
@@ -42,46 +42,56 @@ from rich.console import Console
 from rich.table import Table
 
 from passerelle import steps
-from passerelle.corpus import label_table, manifest_digest, read_corpus
+from passerelle.corpus import label_table, read_corpus
 from passerelle.recipes import TrainingSet, load_recipe
 from registry.audit.policy import default_policy_path, load_policy
-from registry.coder import CoderConfig, TrainedCoder, evaluate, save_coder, split_by_patient
+from registry.coder import split_by_patient
 from registry.store import ModelStore
-from registry.vocabulary import build_vocabulary
+from registry.vocabulary import VocabularyConfig, build_vocabulary
 from transfer.identity import init_site
 
 BATCH = 32  # the vendor recipe's batch size (tests/vendor_recipes.py), for its step count
+HELDOUT = 0.2
+BUILTIN = "registry.audit.recipe:coder_recipe"  # the entry point passerelle-coder's function
 
 
 def vendor_model(train_dir: Path, out: Path, spec: str, seed: int) -> dict[str, Any]:
-    """Train the vendor's model with its recipe on the training patients and write it as
-    a model directory (the built-in split and vocabulary, its declared steps)."""
+    """The vendor's side: its model trained with its recipe on the training patients it
+    declares (held-out fraction 0.2, ``seed``), encoded with its own vocabulary; written as
+    model.keras, vocabulary.json, labels.json and manifest.json (its recipe and steps)."""
     corpus = read_corpus(train_dir)
     examples = steps.examples_of(corpus)
-    config = CoderConfig(seed=seed)
-    train_idx, held_idx = split_by_patient(examples, config.heldout_fraction, config.seed)
+    train_idx, held_idx = split_by_patient(examples, HELDOUT, seed)
     train, held = examples.subset(train_idx), examples.subset(held_idx)
-    vocab = build_vocabulary(train.texts(config.vocabulary), train.patient_ids,
-                             config.vocabulary)
+    config = VocabularyConfig()
+    vocab = build_vocabulary(train.texts(config), train.patient_ids, config)
     codes = tuple(sorted(set(train.codes)))
     index = {c: i for i, c in enumerate(codes)}
-    texts = tuple(train.texts(config.vocabulary))
+    texts = tuple(train.texts(config))
     training = TrainingSet(vocab.encode(list(texts)),
                            np.array([index[c] for c in train.codes], np.int64), texts, codes,
                            seed, None, len(vocab))
     t0 = time.perf_counter()
     model = load_recipe(spec).function(training)
     seconds = time.perf_counter() - t0
-    coder = TrainedCoder(config, vocab, codes, model, held, len(train),
-                         len(set(train.patient_ids)))
-    accuracy = evaluate(coder, held, "held-out")
     steps_taken = int(model.optimizer.iterations.numpy())
+    logits = np.asarray(model(vocab.encode(held.texts(config)), training=False))
+    truth = np.array([index.get(c, -1) for c in held.codes])
     out.mkdir(parents=True)
-    save_coder(coder, out, label_table(), {
-        "site": corpus.site, "dataset_fingerprint": manifest_digest(train_dir),
-        "steps": steps_taken, "recipe": spec}, [accuracy])
-    return {"train_s": round(seconds, 1), "heldout_top1": accuracy.top1,
-            "steps": steps_taken, "epochs": steps_taken / math.ceil(len(train) / BATCH)}
+    model.save(out / "model.keras")
+    vocab.save(out / "vocabulary.json")
+    table = label_table()
+    (out / "labels.json").write_text(json.dumps(
+        {"codes": list(codes), "labels": {c: table[c] for c in codes}}, ensure_ascii=False))
+    (out / "manifest.json").write_text(json.dumps({
+        "format": "passerelle-manifest", "format_version": 1, "architecture": "conv1d",
+        "input": {"kind": "token_ids", "vocabulary": "vocabulary.json", "dtype": "int32"},
+        "output": {"labels": "labels.json", "multi_label": False, "scores": "logits"},
+        "training": {"heldout": {"fraction": HELDOUT, "seed": seed}, "steps": steps_taken,
+                     "recipe": spec}}))
+    return {"train_s": round(seconds, 1), "steps": steps_taken,
+            "heldout_top1": float(np.mean(logits.argmax(axis=1) == truth)),
+            "epochs": steps_taken / math.ceil(len(train) / BATCH)}
 
 
 def main() -> int:
@@ -112,10 +122,11 @@ def main() -> int:
     policy = load_policy(policy_file)
     target = vendor_model(work / "train", work / "conv1d", args.recipe, args.seed)
     store = ModelStore(home)
-    ref = steps.register_model(store, work / "conv1d", "vendor-conv1d", "figures", "figures",
-                               work / "train").ref
+    ref = steps.register_model(store, work / "conv1d" / "model.keras", "vendor-conv1d",
+                               "figures", "figures", work / "train",
+                               manifest=work / "conv1d" / "manifest.json").ref
     rows = []
-    for label, spec in (("own", args.recipe), ("builtin", None),
+    for label, spec in (("own", None), ("builtin", BUILTIN),
                         ("onnx-reinit", "onnx-reinit")):
         if label in args.skip:
             continue
