@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class OnnxExport:
     onnx_digest: str
     parity: Parity
     card: dict[str, Any]
+    model_dir: ModelDir | None = None  # the registered model directory it was checked against
 
 
 def check_parity(
@@ -129,7 +130,8 @@ def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
     parity = registered_parity(ref, model_dir, model_bytes)                         # (3)
     logged = info.tags.get(TAG + "onnx_digest")                                     # (4)
     if logged is None:
-        return _ship(store, info, model_dir, model_bytes, parity, workdir / "ship")
+        return replace(_ship(store, info, model_dir, model_bytes, parity, workdir / "ship"),
+                       model_dir=model_dir)
     directory = store.download(info, "onnx", workdir)
     missing = [n for n in SHIPPED_FILES if not (directory / n).is_file()]
     if missing:
@@ -151,7 +153,7 @@ def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
     if card_digest != onnx_digest:
         raise ModelDirError(f"{ref}: the logged model card speaks of other ONNX bytes")
     return OnnxExport(ref=ref, directory=directory, onnx_digest=onnx_digest, parity=parity,
-                      card=card)
+                      card=card, model_dir=model_dir)
 
 
 def registered_parity(ref: VersionRef, model_dir: ModelDir, model_bytes: bytes) -> Parity:

@@ -303,7 +303,7 @@ def test_an_onnx_artifact_written_by_hand_into_the_registry_is_refused(
     assert not (tmp_path / "b.bundle").exists()
 
 
-def test_bad_vendor_input_is_one_error_line_and_registers_nothing(
+def test_bad_vendor_input_is_one_error_line_and_logs_registers_records_nothing(
         vendor: Vendor, conv1d_file: Path, site_home: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     good = manifest(vendor, "conv1d")
@@ -331,14 +331,23 @@ def test_bad_vendor_input_is_one_error_line_and_registers_nothing(
         "no manifest": (conv1d_file, None, vendor.data, ()),
         "no data": (conv1d_file, good, None, ()),
     }
-    before = snapshot(site_home)
+    for fresh in (True, False):  # a home with no store nor ledger yet, then one with both
+        if not fresh:
+            _register_ok(site_home, conv1d_file, good, vendor, capsys)
+        _refused_cases(site_home, cases, capsys, fresh)
+
+
+def _refused_cases(site_home: Path, cases: dict[str, Any],
+                   capsys: pytest.CaptureFixture[str], fresh: bool) -> None:
+    before, records = snapshot(site_home), ledger_rows(site_home / "ledger.db")
+    assert fresh == (not records) and fresh == (not (site_home / "mlflow.db").exists())
     for what, (source, man, data, extra) in cases.items():
         code = register(site_home, source, man, data, *extra)[0]
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, (what, err)
         assert len(err) == 1 and err[0].startswith("error:"), (what, err)
-    assert snapshot(site_home) == before  # no MLflow store, no ledger record, no staging
-    assert ledger_rows(site_home / "site" / "ledger.db") == []
+    assert snapshot(site_home) == before  # MLflow store, ledger, no staging folder
+    assert ledger_rows(site_home / "ledger.db") == records
 
 
 @pytest.fixture(scope="module")
