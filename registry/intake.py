@@ -145,9 +145,11 @@ def build_model_dir(source: Source, out: Path, site: str | None,
     examples = examples_of(data)
     idx, counts = parity_stays(examples, manifest.heldout,
                                [s.stay_id for s in corpus.stays])
+    model = load_source(source.path, source.framework.value, custom_objects)        # (3)
+    derived = _text_pipeline_vocabulary(model, source.framework, vocab)
+    vocab = derived or vocab
     texts = [select_text(examples.sections[i], vocab.config.sections) for i in idx]
     inputs = encode_stays(manifest.input_kind, manifest.input_dtype, vocab, texts)
-    model = load_source(source.path, source.framework.value, custom_objects)        # (3)
     reference = _reference(model, source.framework, inputs, texts, manifest.scores)
     _check_width(reference, labels)
     proto = _convert(model, source.framework, inputs, manifest.scores)            # (4)
@@ -157,7 +159,10 @@ def build_model_dir(source: Source, out: Path, site: str | None,
                                       "held-out" if manifest.heldout else "training")],
                "parity": parity}
     _copy_source(source, out)                                                      # (6)
-    shutil.copyfile(manifest.vocabulary_path, out / VOCABULARY)
+    if derived is not None:
+        derived.save(out / VOCABULARY)
+    else:
+        shutil.copyfile(manifest.vocabulary_path, out / VOCABULARY)
     shutil.copyfile(manifest.labels_path, out / LABELS)
     doc = json.loads(json.dumps(manifest.document))
     doc["input"]["vocabulary"], doc["output"]["labels"] = VOCABULARY, LABELS
@@ -165,6 +170,20 @@ def build_model_dir(source: Source, out: Path, site: str | None,
                 "site": site, "corpus_site": corpus.site}
     return _finish(out, source, manifest, doc, proto, inputs, reference, tuple(labels),
                    training, metrics)
+
+
+def _text_pipeline_vocabulary(model: Any, framework: Framework,
+                              vocab: Vocabulary) -> Vocabulary | None:
+    """For a scikit-learn Pipeline on raw text (TfidfVectorizer/CountVectorizer), the
+    vocabulary is its vectorizer's features (adapters.sklearn_text), read with the
+    manifest vocabulary's max_len and sections; None for any other model."""
+    if framework is not Framework.SKLEARN:
+        return None
+    from adapters.sklearn_text import prepare_sklearn
+
+    prepared = prepare_sklearn(model, max_len=vocab.config.max_len,
+                               sections=vocab.config.sections)
+    return prepared.vocabulary
 
 
 def _from_model_train(path: Path, out: Path, data: Path | None) -> ModelDir:

@@ -165,13 +165,14 @@ def source_logits(model: Any, framework: str, inputs: npt.NDArray[Any],
                  for i in range(0, len(inputs), _BATCH)]
         out = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     elif kind is Framework.SKLEARN:
-        x = np.asarray(inputs, np.float32)
-        if hasattr(model, "decision_function"):
-            out = np.asarray(model.decision_function(x), np.float32)
-            scores = "logits"
-        else:
-            out = np.asarray(model.predict_proba(x), np.float32)
-            scores = "probabilities"
+        from adapters.onnx_export import sklearn_logits
+
+        # a text pipeline reads the raw texts, as the vendor runs it; anything else the bag
+        # of words; both with the logits convention of sklearn_to_onnx (docs/decisions/0005)
+        reads_text = texts is not None and reads_raw_text(model)
+        out = sklearn_logits(model, list(texts) if reads_text and texts is not None
+                             else np.asarray(inputs, np.float32))
+        scores = "logits"
     else:
         from registry.export import run_onnx
 
@@ -179,6 +180,15 @@ def source_logits(model: Any, framework: str, inputs: npt.NDArray[Any],
     if out.ndim != 2:
         raise BadInput(f"the model outputs shape {out.shape}; (n, number of labels) expected")
     return _log(out) if scores == "probabilities" else out.astype(np.float32)
+
+
+def reads_raw_text(model: Any) -> bool:
+    """Whether a scikit-learn model is a Pipeline that starts with a text vectorizer."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.pipeline import Pipeline
+
+    return isinstance(model, Pipeline) and bool(model.steps) and \
+        isinstance(model.steps[0][1], CountVectorizer)
 
 
 def to_onnx(model: Any, framework: str, inputs_example: npt.NDArray[Any],
@@ -191,8 +201,10 @@ def to_onnx(model: Any, framework: str, inputs_example: npt.NDArray[Any],
     if kind is Framework.KERAS:
         proto = keras_to_onnx(model, width, str(inputs_example.dtype))
     elif kind is Framework.SKLEARN:
-        proto = sklearn_to_onnx(model, width)
-        scores = "logits" if hasattr(model, "decision_function") else "probabilities"
+        from adapters.sklearn_text import prepare_sklearn
+
+        proto = sklearn_to_onnx(prepare_sklearn(model).estimator, width)
+        scores = "logits"  # sklearn_to_onnx's output is logits already
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(_one_output(model))

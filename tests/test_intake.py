@@ -51,6 +51,7 @@ class Vendor:
     y: Any
     bow: Any  # the same stays as bag of words (n, 60)
     codes: tuple[str, ...]
+    texts: tuple[str, ...]  # the same stays' text (the sections the vocabulary reads)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
     keep = [i for i in train if examples.codes[i] in codes]
     kept = [select_text(examples.sections[i], config.sections) for i in keep]
     y = np.array([codes.index(examples.codes[i]) for i in keep], np.int64)
-    return Vendor(data, folder, vocab.encode(kept), y, vocab.bag_of_words(kept), codes)
+    return Vendor(data, folder, vocab.encode(kept), y, vocab.bag_of_words(kept), codes,
+                  tuple(kept))
 
 
 def manifest(vendor: Vendor, name: str, kind: str = "token_ids", dtype: str = "int32",
@@ -172,6 +174,28 @@ def skops_file(vendor: Vendor) -> Path:
 
     path = vendor.folder / "logreg.skops"
     skops.io.dump(LogisticRegression(C=10.0, max_iter=200).fit(vendor.bow, vendor.y), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tfidf_svc_file(vendor: Vendor) -> Path:
+    """A TF-IDF + LinearSVC pipeline on raw text, with a token pattern Passerelle
+    reproduces; its manifest's vocabulary file gives max_len (512) and the sections."""
+    import skops.io
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    from adapters.sklearn_text import COMPATIBLE_PATTERN
+    from passerelle.vocabulary import Vocabulary
+
+    pipeline = make_pipeline(TfidfVectorizer(token_pattern=COMPATIBLE_PATTERN),
+                             LinearSVC(C=1.0)).fit(list(vendor.texts), vendor.y)
+    path = vendor.folder / "tfidf_svc.skops"
+    skops.io.dump(pipeline, path)
+    base = Vocabulary.load(vendor.folder / "vocabulary.json")
+    Vocabulary(tokens=base.tokens, config=VocabularyConfig(max_len=512),
+               stats=base.stats).save(vendor.folder / "vocabulary-512.json")
     return path
 
 
@@ -484,3 +508,24 @@ def test_a_custom_layer_loads_only_with_custom_objects_and_safe_mode_stays_on(
                        "tests.custom_layers:Scale")
     assert main(["model", "export", f"vendor/{doc['version']}", "--out",
                  str(tmp_path / "e"), "--home", str(site_home), *OVERRIDE_ARGS]) == 0
+
+
+def test_a_text_pipeline_registers_with_its_vectorizers_vocabulary(
+        vendor: Vendor, tfidf_svc_file: Path, site_home: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import skops.io
+
+    man = manifest(vendor, "tfidf-linearsvc", "bag_of_words", "float32",
+                   input__vocabulary="vocabulary-512.json")
+    doc = _register_ok(site_home, tfidf_svc_file, man, vendor, capsys)
+    model_dir = _v2_dir(site_home, tmp_path, VersionRef("vendor", doc["version"]))
+    pipeline = skops.io.load(tfidf_svc_file,
+                             trusted=skops.io.get_untrusted_types(file=tfidf_svc_file))
+    shipped = json.loads((model_dir.path / "vocabulary.json").read_text())
+    assert len(shipped["tokens"]) == len(pipeline.steps[0][1].vocabulary_) + 2
+    assert shipped["config"]["max_len"] == 512
+    # the reference is the vendor's pipeline on the raw texts of the held-out stays
+    reference = np.load(model_dir.path / PARITY_REFERENCE)
+    inputs = np.load(model_dir.path / PARITY_INPUTS)
+    got = run_onnx((model_dir.path / "model.onnx").read_bytes(), inputs)
+    assert np.abs(got - reference).max() <= PARITY_TOLERANCE
