@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from adapters.onnx_run import feed_of
 from passerelle.errors import BadInput
 from registry.store import ModelStore, VersionRef
 from registry.vocabulary import ALL_SECTIONS
@@ -85,7 +86,7 @@ class Coder:
 
     model: VerifiedModel
     session: Any
-    input_name: str
+    input: Any  # onnxruntime NodeArg of the graph's first input
     output_name: str
 
     @classmethod
@@ -101,15 +102,18 @@ class Coder:
                               ) from e
         outputs = [o.name for o in session.get_outputs()]
         output = "logits" if "logits" in outputs else outputs[0]
-        return cls(model, session, session.get_inputs()[0].name, output)
+        return cls(model, session, session.get_inputs()[0], output)
 
     @property
     def sections(self) -> tuple[str, ...]:
         return tuple(self.model.vocabulary.config.sections)
 
     def probabilities(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        ids = self.model.vocabulary.encode(texts)
-        logits = np.asarray(self.session.run([self.output_name], {self.input_name: ids})[0],
+        try:
+            feed = feed_of(self.input, self.model.vocabulary, texts)
+        except BadInput as refused:
+            raise NotVerified(f"{self.model.info.ref}: {refused}") from refused
+        logits = np.asarray(self.session.run([self.output_name], {self.input.name: feed})[0],
                             dtype=np.float32)
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)

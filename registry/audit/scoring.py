@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from registry.coder import TrainedCoder, bag_of_words
+from adapters.onnx_run import feed_of
+from registry.coder import TrainedCoder
 from registry.vocabulary import Vocabulary, select_text
 
 FloatArray = npt.NDArray[np.float64]
@@ -38,7 +39,7 @@ class OnnxScorer:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(ship_dir / "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.input = self.session.get_inputs()[0]
         self.vocabulary = Vocabulary.load(ship_dir / "vocabulary.json")
         self.codes = tuple(json.loads((ship_dir / "labels.json").read_text())["codes"])
 
@@ -46,10 +47,8 @@ class OnnxScorer:
         texts = [select_text(s, self.vocabulary.config.sections) for s in sections]
         out = []
         for start in range(0, len(texts), batch):
-            ids = self.vocabulary.encode(texts[start:start + batch])
-            feed = bag_of_words(ids, len(self.vocabulary)) if self.input == "bag_of_words" \
-                else ids
-            out.append(softmax(self.session.run(["logits"], {self.input: feed})[0]))
+            feed = feed_of(self.input, self.vocabulary, texts[start:start + batch])
+            out.append(softmax(self.session.run(["logits"], {self.input.name: feed})[0]))
         return np.concatenate(out) if out else np.zeros((0, len(self.codes)))
 
 
