@@ -166,14 +166,10 @@ def _preflight(store: ModelStore) -> None:
 
 def _source_of(text: str, staging: Path, tracking_uri: str | None) -> Source:
     if text.startswith(("models:/", "runs:/")):
-        import importlib
+        from registry.mlflow_source import resolve_mlflow_source
 
-        # registry.mlflow_source (resolve_mlflow_source(uri, tracking_uri, dst) ->
-        # ResolvedSource, INTAKE.md) comes from its own branch; imported by name so that
-        # this module type-checks before it lands (then: a plain import).
-        resolve = importlib.import_module("registry.mlflow_source").resolve_mlflow_source
-        resolved = resolve(text, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                           staging / "download")
+        resolved = resolve_mlflow_source(
+            text, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), staging / "download")
         return Source(path=resolved.path, framework=Framework(resolved.framework),
                       uri=resolved.uri, flavor=resolved.flavor, digest=resolved.digest)
     path = Path(text)
