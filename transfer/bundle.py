@@ -307,21 +307,81 @@ def _age_body_size(plain: int) -> int:
     return 16 + plain + 16 * chunks
 
 
+_BLOCK = 1 << 20  # a piece of ciphertext or plaintext handed to the worker thread
+_QUEUED = 4  # pieces in flight at most: memory stays a few MiB whatever the size
+_SWITCH_INTERVAL = 0.0002  # s; see _Worker
+
+
+class _Worker:
+    """One thread that runs, in order, the GIL-releasing work of a decryption: hashing
+    the ciphertext, hashing and writing the plaintext (``submit(fn, piece)``).
+
+    pyrage holds the GIL while it decrypts and calls back into Python every 8 KiB; the
+    worker needs the GIL only between two pieces. CPython makes a waiting thread wait
+    a whole switch interval (5 ms) before it asks for the GIL, which would leave the
+    worker idle for most of each piece: the interval is lowered while it runs (and
+    restored). The first error stops the work (later pieces are dropped) and is raised
+    by :meth:`submit` and :meth:`finish`; :meth:`finish` joins the thread (call it on
+    every path).
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: queue.Queue[tuple[Callable[[Any], Any], Any] | None] = \
+            queue.Queue(_QUEUED)
+        self.failure: BaseException | None = None
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, _SWITCH_INTERVAL))
+        self._thread = threading.Thread(target=self._run, name="passerelle-unpack",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.failure is None:
+                try:
+                    job[0](job[1])
+                except BaseException as e:  # raised in the caller's thread
+                    self.failure = e
+
+    def submit(self, fn: Callable[[Any], Any], piece: Any) -> None:
+        if self.failure is not None:
+            raise _Stopped from self.failure
+        self._jobs.put((fn, piece))
+
+    def finish(self) -> None:
+        """Wait for the queued work; the thread is gone when this returns."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        sys.setswitchinterval(self._interval)
+
+
+class _Stopped(Exception):
+    """Raised into pyrage's callbacks once the worker failed: decryption stops."""
+
+
 class _PayloadWriter:
     """Where pyrage writes the payload: straight into the bundle file, after room left
-    for the outer header, hashing as it goes.
+    for the outer header, hashed on the way.
 
     age's header (recipient stanzas, randomised by grease stanzas) is held until its MAC
     line ends it; then the payload's size is known exactly (the body's size follows
     from the plaintext's), so is the outer header's length (every other field of it has
-    a fixed width), and the rest streams to its final place: no second copy.
+    a fixed width), and the rest streams to its final place: no second copy. The body
+    is gathered into 1 MiB pieces that a :class:`_Worker` hashes and writes while pyrage
+    encrypts the next ones (call :meth:`close`, then ``worker.finish()``).
     """
 
-    def __init__(self, f: BinaryIO, plain_size: int, header_length: Callable[[int], int]):
+    def __init__(self, f: BinaryIO, plain_size: int, header_length: Callable[[int], int],
+                 worker: _Worker):
         self._f = f
         self._plain = plain_size
         self._length_of = header_length
+        self._worker = worker
         self._head = bytearray()
+        self._piece = bytearray()
         self.hash = hashlib.sha256()
         self.size = 0
         self.expected: int | None = None
@@ -339,14 +399,29 @@ class _PayloadWriter:
             self.expected = age_header + _age_body_size(self._plain)
             self.header_length = self._length_of(self.expected)
             self._f.seek(len(MAGIC) + 4 + self.header_length)
-            data, self._head = bytes(self._head), bytearray()
-        self.hash.update(data)
+            self._piece, self._head = self._head, bytearray()
+            self.size = len(self._piece)
+            return len(data)
+        self._piece += data
         self.size += len(data)
-        self._f.write(data)
+        if len(self._piece) >= _BLOCK:
+            self._worker.submit(self._emit, self._piece)
+            self._piece = bytearray()
         return len(data)
 
+    def _emit(self, piece: bytearray) -> None:
+        self.hash.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[self._f.write(view) or 0:]
+
     def flush(self) -> None:
-        self._f.flush()
+        pass  # pieces are written whole, on the worker; the last one by close()
+
+    def close(self) -> None:
+        if self._piece:
+            self._worker.submit(self._emit, self._piece)
+            self._piece = bytearray()
 
 
 def _signed_header(header: Header, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -397,8 +472,19 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
     recorded = False
     try:
         with os.fdopen(fd, "wb", buffering=0) as raw:
-            writer = _PayloadWriter(raw, stream.size, length_of)
-            pyrage.encrypt_io(stream, writer, keys)
+            worker = _Worker()
+            try:
+                writer = _PayloadWriter(raw, stream.size, length_of, worker)
+                try:
+                    pyrage.encrypt_io(stream, writer, keys)
+                    writer.close()
+                except (_Stopped, OSError):
+                    if worker.failure is None:
+                        raise
+            finally:
+                worker.finish()
+            if worker.failure is not None:
+                raise worker.failure
             if writer.expected is None or writer.size != writer.expected:
                 raise MalformedBundle(f"age wrote {writer.size} bytes, "
                                       f"{writer.expected} were expected")
@@ -791,61 +877,6 @@ def _check_rollback(t: Transfer, received: tuple[int, int] | None) -> None:
         raise Rollback(f"{t.model} from {t.sender.site}: sequence {t.sequence} version "
                        f"{t.version} is not newer than the last received (sequence {sequence}, "
                        f"version {version})")
-
-
-_BLOCK = 1 << 20  # a piece of ciphertext or plaintext handed to the worker thread
-_QUEUED = 4  # pieces in flight at most: memory stays a few MiB whatever the size
-_SWITCH_INTERVAL = 0.0002  # s; see _Worker
-
-
-class _Worker:
-    """One thread that runs, in order, the GIL-releasing work of a decryption: hashing
-    the ciphertext, hashing and writing the plaintext (``submit(fn, piece)``).
-
-    pyrage holds the GIL while it decrypts and calls back into Python every 8 KiB; the
-    worker needs the GIL only between two pieces. CPython makes a waiting thread wait
-    a whole switch interval (5 ms) before it asks for the GIL, which would leave the
-    worker idle for most of each piece: the interval is lowered while it runs (and
-    restored). The first error stops the work (later pieces are dropped) and is raised
-    by :meth:`submit` and :meth:`finish`; :meth:`finish` joins the thread (call it on
-    every path).
-    """
-
-    def __init__(self) -> None:
-        import queue
-
-        self._jobs: queue.Queue[tuple[Callable[[Any], Any], Any] | None] = \
-            queue.Queue(_QUEUED)
-        self.failure: BaseException | None = None
-        self._interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._interval, _SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._run, name="passerelle-unpack",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self.failure is None:
-                try:
-                    job[0](job[1])
-                except BaseException as e:  # raised in the caller's thread
-                    self.failure = e
-
-    def submit(self, fn: Callable[[Any], Any], piece: Any) -> None:
-        if self.failure is not None:
-            raise _Stopped from self.failure
-        self._jobs.put((fn, piece))
-
-    def finish(self) -> None:
-        """Wait for the queued work; the thread is gone when this returns."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
-        sys.setswitchinterval(self._interval)
-
-
-class _Stopped(Exception):
-    """Raised into pyrage's callbacks once the worker failed: decryption stops."""
 
 
 class _CipherReader:
