@@ -316,3 +316,30 @@ def test_rotation_killed_during_its_key_swap_is_settled_by_the_next_command(
     rotate_site(x.home)  # and the site can rotate again
     assert len(_rotations(x.home, "X")) == len(expected) + 1
     verify_site(x.home)
+
+
+def test_records_verify_alone_detects_an_unrecorded_rotation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``records verify`` (which records nothing) refuses a home whose signing key is not
+    the last one its ledger records, naming both keys; once the next act has recorded
+    the rotation it verifies again."""
+    from transfer.ledger import Ledger, ledger_url
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    assert TrustStore(x.home).add(y.public) is AddOutcome.PINNED
+    assert main(["records", "verify", "--home", str(x.home)]) == 0
+    capsys.readouterr()
+    _rotate_killed_before_record(x.home)
+    current = public_identity(x.home).fingerprint
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        before = ledger.count()
+    assert main(["records", "verify", "--home", str(x.home)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert "rotation was not recorded" in err[0]
+    assert current in err[0] and x.public.fingerprint in err[0]
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        assert ledger.count() == before  # verifying recorded nothing
+    z = make_site(tmp_path, "Z")
+    TrustStore(x.home).add(z.public)  # the next recorded act records the rotation
+    assert main(["records", "verify", "--home", str(x.home)]) == 0
