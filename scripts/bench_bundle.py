@@ -86,6 +86,16 @@ def _peak_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss * 1024 / MB  # ru_maxrss is KiB on Linux
 
 
+def _hwm_mb() -> float:
+    """This process's own peak resident set (VmHWM). Linux carries ``ru_maxrss`` over
+    fork and exec (a child starts at its parent's resident size then), so a step
+    launched from a large process (a test runner) reports that size; VmHWM does not."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / MB
+    return _peak_mb()
+
+
 # ----------------------------------------------------------------- child steps
 
 def child(step: str, work: Path) -> dict[str, Any]:
@@ -121,7 +131,8 @@ def child(step: str, work: Path) -> dict[str, Any]:
         receive_bundle(bundle, y_home, ModelStore(y_home))
     else:
         raise SystemExit(f"unknown step {step}")
-    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb()}
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(),
+            "hwm_mb": _hwm_mb()}
 
 
 def floor(kind: str, work: Path) -> dict[str, Any]:
