@@ -308,7 +308,7 @@ def _age_body_size(plain: int) -> int:
 
 
 _BLOCK = 1 << 20  # a piece of ciphertext or plaintext handed to the worker thread
-_QUEUED = 4  # pieces in flight at most: memory stays a few MiB whatever the size
+_QUEUED = 2  # pieces queued at most: memory stays a few MiB whatever the size
 _SWITCH_INTERVAL = 0.0002  # s; see _Worker
 
 
