@@ -254,3 +254,92 @@ def test_rotation_killed_before_its_record_without_the_retired_key_is_refused(
     with Ledger(ledger_url(x.home), "X") as ledger:
         assert ledger.count() == before  # nothing recorded, nothing trusted
     assert TrustStore(x.home).entries() == []
+
+
+_KILLED_AT_RENAME = """
+import os, signal, sys
+from pathlib import Path
+import transfer.identity as identity
+# SIGKILL just before the N-th rename of the rotation's key swap
+real, calls = os.rename, []
+def rename(src, dst):
+    calls.append(src)
+    if len(calls) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+identity.os.rename = rename
+identity.rotate_site(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("rename", [1, 2])
+def test_rotation_killed_during_its_key_swap_is_settled_by_the_next_command(
+        tmp_path: Path, rename: int) -> None:
+    """``site rotate`` SIGKILLed before its first rename (nothing swapped yet) or between
+    its two renames (no ``identity/`` folder on disk): the next command finds a whole
+    identity, the old one (the rotation did not happen) or the new one (rolled forward,
+    then recorded by the next recorded act, signed by the retired key); the ledger
+    verifies and nothing of the swap is left in the home."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from transfer.identity import ROTATION_JOURNAL
+    from transfer.ledger_site import verify_site
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    TrustStore(x.home).add(y.public)  # a ledger with a record before the rotation
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AT_RENAME, str(x.home),
+                           str(rename)], capture_output=True, timeout=120,
+                          env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert (x.home / ROTATION_JOURNAL).is_file()
+    assert (x.home / "identity").is_dir() is (rename == 1)  # the state the kill left
+
+    current = public_identity(x.home)  # the next command settles the swap
+    assert not (x.home / ROTATION_JOURNAL).exists()
+    assert load_site(x.home).fingerprint == current.fingerprint
+    if rename == 1:
+        assert current.fingerprint == x.public.fingerprint  # unchanged
+        assert not (x.home / "identity" / "retired").exists()
+        expected = []
+    else:
+        assert current.previous_fingerprint == x.public.fingerprint  # rolled forward
+        assert (x.home / "identity" / "retired" / x.public.fingerprint[7:]).is_dir()
+        expected = [(x.public.fingerprint, current.fingerprint)]
+    z = make_site(tmp_path, "Z")
+    assert TrustStore(x.home).add(z.public) is AddOutcome.PINNED  # the next recorded act
+    assert _rotations(x.home, "X") == expected
+    assert [p.name for p in x.home.iterdir() if p.name.startswith(".identity-")] == []
+    verify_site(x.home)
+    rotate_site(x.home)  # and the site can rotate again
+    assert len(_rotations(x.home, "X")) == len(expected) + 1
+    verify_site(x.home)
+
+
+def test_records_verify_alone_detects_an_unrecorded_rotation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``records verify`` (which records nothing) refuses a home whose signing key is not
+    the last one its ledger records, naming both keys; once the next act has recorded
+    the rotation it verifies again."""
+    from transfer.ledger import Ledger, ledger_url
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    assert TrustStore(x.home).add(y.public) is AddOutcome.PINNED
+    assert main(["records", "verify", "--home", str(x.home)]) == 0
+    capsys.readouterr()
+    _rotate_killed_before_record(x.home)
+    current = public_identity(x.home).fingerprint
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        before = ledger.count()
+    assert main(["records", "verify", "--home", str(x.home)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert "rotation was not recorded" in err[0]
+    assert current in err[0] and x.public.fingerprint in err[0]
+    with Ledger(ledger_url(x.home), "X") as ledger:
+        assert ledger.count() == before  # verifying recorded nothing
+    z = make_site(tmp_path, "Z")
+    TrustStore(x.home).add(z.public)  # the next recorded act records the rotation
+    assert main(["records", "verify", "--home", str(x.home)]) == 0

@@ -83,6 +83,7 @@ def record_unrecorded_rotation(home: Path, site: SiteIdentity, ledger: Ledger) -
         return False
     if any(r.fields.get("own_key") and r.fields.get("fingerprint") == site.fingerprint
            for r in ledger.records(kind=RecordKind.TRUST_ROTATED)):
+        _remove_swapped_out(home)  # a kill after the record, before the clean-up
         return False
     retired = identity_dir(home) / "retired" / previous.removeprefix("sha256:")
     if not (retired / PUBLIC_FILE).is_file():
@@ -93,9 +94,15 @@ def record_unrecorded_rotation(home: Path, site: SiteIdentity, ledger: Ledger) -
     old = load_site(home, site.passphrase, retired)
     site.public.verify_rotation(old.signing_key.public_key())
     record_rotation(Recorder(ledger, EcdsaSigner(old.signing_key)), old, site.public)
-    for stale in home.glob(".identity-old-*"):  # the swapped-out folder a kill left
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_swapped_out(home)
     return True
+
+
+def _remove_swapped_out(home: Path) -> None:
+    """The swapped-out identity folder a killed rotation left (its keys are kept in
+    ``identity/retired/``)."""
+    for stale in home.glob(".identity-old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def subject(kind: str, name: str, digest: str | None) -> list[Subject]:

@@ -18,8 +18,10 @@ subset ``pack`` writes, one 512-byte header at a time:
   ``max_total_bytes`` of content;
 * after the end-of-archive marker only zero bytes up to the end of the stream.
 
-Memory is bounded whatever the input: one 512-byte header and one copy buffer
-(``_CHUNK``, 1 MiB) at a time, plus the member names (at most ``max_members`` of
+The reader is a sink (:class:`Unpacker`, fed pieces of the stream as they are
+decrypted); :func:`unpack_stream` pulls a file object into it. Memory is bounded
+whatever the input: one 512-byte header and the piece being fed (``_CHUNK``, 1 MiB,
+from :func:`unpack_stream`) at a time, plus the member names (at most ``max_members`` of
 ``max_name_length`` bytes). CPU is linear in the stream's length. Every file is
 created with O_EXCL|O_NOFOLLOW, mode 0600, and hashed (SHA-256) as it is written.
 """
@@ -27,12 +29,13 @@ created with O_EXCL|O_NOFOLLOW, mode 0600, and hashed (SHA-256) as it is written
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from transfer.errors import UnsafeArchive
 
@@ -163,16 +166,6 @@ def pack(src: Path, out: BinaryIO) -> None:
 
 # ------------------------------------------------------------------ strict reader
 
-def _read_exact(raw: BinaryIO, n: int, what: str) -> bytes:
-    data = b""
-    while len(data) < n:
-        part = raw.read(n - len(data))
-        if not part:
-            raise UnsafeArchive(f"archive is truncated ({what})")
-        data += part
-    return data
-
-
 def _text(field: bytes, what: str) -> str:
     value, _, rest = field.partition(b"\x00")
     if rest.strip(b"\x00"):
@@ -249,63 +242,139 @@ def unpack_stream(raw: BinaryIO, dest: Path, limits: Limits = Limits()) -> dict[
     Returns ``{relative path: "sha256:<hex>"}`` of the files written. Reads ``raw`` to
     its end: after the end-of-archive marker only zero padding may follow.
     """
-    total = 0
-    count = 0
-    files: dict[PurePosixPath, str] = {}
-    dirs: set[PurePosixPath] = set()
-    while True:
-        block = _read_exact(raw, _BLOCK, "in a header")
+    unpacker = Unpacker(dest, limits)
+    try:
+        while chunk := raw.read(_CHUNK):
+            unpacker.feed(chunk)
+        return unpacker.close()
+    finally:
+        unpacker.abort()
+
+
+class Unpacker:
+    """The strict reader as a sink: :meth:`feed` it the stream in pieces of any size,
+    then :meth:`close` it (which refuses a stream that ends early).
+
+    Pushed rather than pulled, so that a decryptor's output can be unpacked as it is
+    produced, on any thread, with no pipe and no extra copy. Each file's bytes are
+    hashed and written straight from the piece fed (hashlib and file writes release
+    the GIL on large buffers). Memory: one 512-byte header and the member names.
+    """
+
+    def __init__(self, dest: Path, limits: Limits = Limits()) -> None:
+        self._dest = dest
+        self._limits = limits
+        self._block = bytearray()  # a header being gathered
+        self._files: dict[PurePosixPath, str] = {}
+        self._dirs: set[PurePosixPath] = set()
+        self._total = 0
+        self._count = 0
+        self._out: io.FileIO | None = None  # the file being written
+        self._header: _Header | None = None
+        self._rel = PurePosixPath()
+        self._digest: Any = None
+        self._left = 0  # content bytes of the current file still to come
+        self._pad = 0  # padding bytes still to come after it
+        self._ended = False  # the end-of-archive marker was read
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if self._ended:
+                if bytes(view).count(0) != len(view):
+                    raise UnsafeArchive("data after the end of the archive")
+                return
+            if self._left:
+                view = self._content(view)
+            elif self._pad:
+                take = min(self._pad, len(view))
+                self._pad -= take
+                view = view[take:]
+            else:
+                take = min(_BLOCK - len(self._block), len(view))
+                self._block += view[:take]
+                view = view[take:]
+                if len(self._block) == _BLOCK:
+                    block, self._block = bytes(self._block), bytearray()
+                    self._start_member(block)
+
+    def close(self) -> dict[str, str]:
+        """The digests of the files written, once the whole archive was fed."""
+        if not self._ended:
+            if self._left:
+                assert self._header is not None  # noqa: S101 - set with _left
+                raise UnsafeArchive(f"archive member {self._header.name!r}: truncated")
+            raise UnsafeArchive(f"archive is truncated "
+                                f"({'in padding' if self._pad else 'in a header'})")
+        return {p.as_posix(): d for p, d in self._files.items()}
+
+    def abort(self) -> None:
+        """Close the file being written, if any (on every path out)."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _start_member(self, block: bytes) -> None:
         if block.count(0) == _BLOCK:
-            break  # end-of-archive marker
-        count += 1
-        if count > limits.max_members:
+            self._ended = True  # end-of-archive marker
+            return
+        limits = self._limits
+        self._count += 1
+        if self._count > limits.max_members:
             raise UnsafeArchive(f"archive has more than {limits.max_members} members")
         header = _parse_header(block, limits)
         rel = _check_name(header.name, limits)
-        if rel in files or rel in dirs:
+        if rel in self._files or rel in self._dirs:
             raise UnsafeArchive(f"archive member {header.name!r}: duplicate name")
         for parent in rel.parents:
-            if parent in files:
+            if parent in self._files:
                 raise UnsafeArchive(f"archive member {header.name!r}: below a file "
                                     f"({parent})")
-        target = dest.joinpath(*rel.parts)
+        target = self._dest.joinpath(*rel.parts)
         try:
             if header.is_dir:
                 target.mkdir(mode=0o700, parents=True, exist_ok=True)
-                dirs.add(rel)
-                continue
-            total += header.size
-            if total > limits.max_total_bytes:
+                self._dirs.add(rel)
+                return
+            self._total += header.size
+            if self._total > limits.max_total_bytes:
                 raise UnsafeArchive(f"archive content exceeds {limits.max_total_bytes} "
                                     "bytes")
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            files[rel] = _extract(raw, header, target)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            try:
+                fd = os.open(target, flags, 0o600)
+            except FileExistsError as e:
+                raise UnsafeArchive(f"archive member {header.name!r}: duplicate "
+                                    "name") from e
         except OSError as e:
             raise UnsafeArchive(f"archive member {header.name!r}: cannot be written "
                                 f"({e.strerror})") from e
-        pad = -header.size % _BLOCK
-        if pad:
-            _read_exact(raw, pad, "in padding")
-    while chunk := raw.read(_CHUNK):
-        if chunk.count(0) != len(chunk):
-            raise UnsafeArchive("data after the end of the archive")
-    return {p.as_posix(): d for p, d in files.items()}
+        self._out = io.FileIO(fd, "wb")
+        self._header, self._rel, self._digest = header, rel, hashlib.sha256()
+        self._left, self._pad = header.size, -header.size % _BLOCK
+        self._files[rel] = ""  # its digest once written
+        if not self._left:
+            self._end_file()
 
+    def _content(self, view: memoryview) -> memoryview:
+        assert self._out is not None and self._header is not None  # noqa: S101
+        part = view[:self._left]
+        self._digest.update(part)
+        try:
+            while part:
+                part = part[self._out.write(part) or 0:]
+        except OSError as e:
+            raise UnsafeArchive(f"archive member {self._header.name!r}: cannot be written "
+                                f"({e.strerror})") from e
+        taken = min(self._left, len(view))
+        self._left -= taken
+        if not self._left:
+            self._end_file()
+        return view[taken:]
 
-def _extract(raw: BinaryIO, header: _Header, target: Path) -> str:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(target, flags, 0o600)
-    except FileExistsError as e:
-        raise UnsafeArchive(f"archive member {header.name!r}: duplicate name") from e
-    digest = hashlib.sha256()
-    left = header.size
-    with os.fdopen(fd, "wb") as out:
-        while left:
-            chunk = raw.read(min(left, _CHUNK))
-            if not chunk:
-                raise UnsafeArchive(f"archive member {header.name!r}: truncated")
-            left -= len(chunk)
-            digest.update(chunk)
-            out.write(chunk)
-    return "sha256:" + digest.hexdigest()
+    def _end_file(self) -> None:
+        assert self._out is not None and self._header is not None  # noqa: S101
+        self._out.close()
+        self._out = None
+        self._files[self._rel] = "sha256:" + self._digest.hexdigest()

@@ -41,11 +41,12 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from passerelle.digests import canonical_json, sha256_file
 from passerelle.errors import PasserelleError, Refused
 from transfer import onnx_safety, strict_json
-from transfer.archive import Limits, PackedStream, unpack_stream
+from transfer.archive import Limits, PackedStream, Unpacker
 from transfer.errors import (
     DecryptionFailed,
     DigestMismatch,
@@ -198,13 +199,59 @@ def sign_model_dir(identity: SiteIdentity, model_dir: Path, signature: Path) -> 
     ).sign(model_dir, signature)
 
 
-def _hashing_config() -> Any:
-    """Every file of the model folder is covered: model-signing ignores .git/, .github/,
-    .gitattributes and .gitignore by default (``ignore_git_paths=True``); not here."""
+def _hashing_config(known: dict[str, str] | None = None) -> Any:
+    """model-signing's hashing configuration: every file of the model folder is covered
+    (it ignores .git/, .github/, .gitattributes and .gitignore by default,
+    ``ignore_git_paths=True``; not here).
+
+    ``known`` ({path: "sha256:<hex>"}) gives the digests of files hashed as they were
+    written (by :class:`transfer.archive.Unpacker`, in the private receiving area):
+    model-signing's own serializer still lists the folder (refusing links), builds the
+    manifest and compares it with the signed one, but takes those digests instead of
+    reading the files once more; a file not in ``known`` it hashes itself.
+    """
     from model_signing import hashing
 
-    return hashing.Config().set_ignored_paths(  # type: ignore[no-untyped-call]
-        paths=[], ignore_git_paths=False)
+    config = _known_digests_config(known) if known else \
+        hashing.Config()  # type: ignore[no-untyped-call]
+    return config.set_ignored_paths(paths=[], ignore_git_paths=False)
+
+
+def _known_digests_config(known: dict[str, str]) -> Any:
+    """A ``model_signing.hashing.Config`` whose file hasher returns ``known`` digests
+    (model-signing 1.1.1: its file serializer builds one hasher per file through
+    ``Config._build_file_hasher_factory``, pinned in constraints.txt; a test checks that
+    the manifest is the one model-signing computes itself)."""
+    from model_signing import hashing
+    from model_signing._hashing import hashing as engines
+    from model_signing._hashing import io as file_io
+
+    table = {os.path.normpath(p): d.removeprefix("sha256:") for p, d in known.items()}
+
+    class KnownHasher(file_io.FileHasher):
+        def __init__(self, path: Path, fallback: Any) -> None:
+            self._path, self._fallback = path, fallback
+
+        @property
+        def digest_name(self) -> str:
+            return str(self._fallback.digest_name)
+
+        @property
+        def digest_size(self) -> int:
+            return int(self._fallback.digest_size)
+
+        def compute(self) -> Any:
+            digest = table.get(os.path.normpath(self._path))
+            if digest is None or self.digest_name != "sha256":
+                return self._fallback.compute()
+            return engines.Digest(self.digest_name, bytes.fromhex(digest))
+
+    class KnownDigests(hashing.Config):
+        def _build_file_hasher_factory(self, *args: Any, **kwargs: Any) -> Any:
+            real = super()._build_file_hasher_factory(*args, **kwargs)
+            return lambda path: KnownHasher(path, real(path))
+
+    return KnownDigests()  # type: ignore[no-untyped-call]
 
 
 def stage(identity: SiteIdentity, ship: Path, statement: TransferStatement,
@@ -260,21 +307,81 @@ def _age_body_size(plain: int) -> int:
     return 16 + plain + 16 * chunks
 
 
+_BLOCK = 1 << 20  # a piece of ciphertext or plaintext handed to the worker thread
+_QUEUED = 2  # pieces queued at most: memory stays a few MiB whatever the size
+_SWITCH_INTERVAL = 0.0002  # s; see _Worker
+
+
+class _Worker:
+    """One thread that runs, in order, the GIL-releasing work of a decryption: hashing
+    the ciphertext, hashing and writing the plaintext (``submit(fn, piece)``).
+
+    pyrage holds the GIL while it decrypts and calls back into Python every 8 KiB; the
+    worker needs the GIL only between two pieces. CPython makes a waiting thread wait
+    a whole switch interval (5 ms) before it asks for the GIL, which would leave the
+    worker idle for most of each piece: the interval is lowered while it runs (and
+    restored). The first error stops the work (later pieces are dropped) and is raised
+    by :meth:`submit` and :meth:`finish`; :meth:`finish` joins the thread (call it on
+    every path).
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: queue.Queue[tuple[Callable[[Any], Any], Any] | None] = \
+            queue.Queue(_QUEUED)
+        self.failure: BaseException | None = None
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, _SWITCH_INTERVAL))
+        self._thread = threading.Thread(target=self._run, name="passerelle-unpack",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.failure is None:
+                try:
+                    job[0](job[1])
+                except BaseException as e:  # raised in the caller's thread
+                    self.failure = e
+
+    def submit(self, fn: Callable[[Any], Any], piece: Any) -> None:
+        if self.failure is not None:
+            raise _Stopped from self.failure
+        self._jobs.put((fn, piece))
+
+    def finish(self) -> None:
+        """Wait for the queued work; the thread is gone when this returns."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        sys.setswitchinterval(self._interval)
+
+
+class _Stopped(Exception):
+    """Raised into pyrage's callbacks once the worker failed: decryption stops."""
+
+
 class _PayloadWriter:
     """Where pyrage writes the payload: straight into the bundle file, after room left
-    for the outer header, hashing as it goes.
+    for the outer header, hashed on the way.
 
     age's header (recipient stanzas, randomised by grease stanzas) is held until its MAC
     line ends it; then the payload's size is known exactly (the body's size follows
     from the plaintext's), so is the outer header's length (every other field of it has
-    a fixed width), and the rest streams to its final place: no second copy.
+    a fixed width), and the rest streams to its final place: no second copy. The body
+    is gathered into 1 MiB pieces that a :class:`_Worker` hashes and writes while pyrage
+    encrypts the next ones (call :meth:`close`, then ``worker.finish()``).
     """
 
-    def __init__(self, f: BinaryIO, plain_size: int, header_length: Callable[[int], int]):
+    def __init__(self, f: BinaryIO, plain_size: int, header_length: Callable[[int], int],
+                 worker: _Worker):
         self._f = f
         self._plain = plain_size
         self._length_of = header_length
+        self._worker = worker
         self._head = bytearray()
+        self._piece = bytearray()
         self.hash = hashlib.sha256()
         self.size = 0
         self.expected: int | None = None
@@ -292,14 +399,29 @@ class _PayloadWriter:
             self.expected = age_header + _age_body_size(self._plain)
             self.header_length = self._length_of(self.expected)
             self._f.seek(len(MAGIC) + 4 + self.header_length)
-            data, self._head = bytes(self._head), bytearray()
-        self.hash.update(data)
+            self._piece, self._head = self._head, bytearray()
+            self.size = len(self._piece)
+            return len(data)
+        self._piece += data
         self.size += len(data)
-        self._f.write(data)
+        if len(self._piece) >= _BLOCK:
+            self._worker.submit(self._emit, self._piece)
+            self._piece = bytearray()
         return len(data)
 
+    def _emit(self, piece: bytearray) -> None:
+        self.hash.update(piece)
+        view = memoryview(piece)
+        while view:
+            view = view[self._f.write(view) or 0:]
+
     def flush(self) -> None:
-        self._f.flush()
+        pass  # pieces are written whole, on the worker; the last one by close()
+
+    def close(self) -> None:
+        if self._piece:
+            self._worker.submit(self._emit, self._piece)
+            self._piece = bytearray()
 
 
 def _signed_header(header: Header, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -350,8 +472,19 @@ def seal(identity: SiteIdentity, staged: Path, transfer: Transfer,
     recorded = False
     try:
         with os.fdopen(fd, "wb", buffering=0) as raw:
-            writer = _PayloadWriter(raw, stream.size, length_of)
-            pyrage.encrypt_io(stream, writer, keys)
+            worker = _Worker()
+            try:
+                writer = _PayloadWriter(raw, stream.size, length_of, worker)
+                try:
+                    pyrage.encrypt_io(stream, writer, keys)
+                    writer.close()
+                except (_Stopped, OSError):
+                    if worker.failure is None:
+                        raise
+            finally:
+                worker.finish()
+            if worker.failure is not None:
+                raise worker.failure
             if writer.expected is None or writer.size != writer.expected:
                 raise MalformedBundle(f"age wrote {writer.size} bytes, "
                                       f"{writer.expected} were expected")
@@ -746,22 +879,58 @@ def _check_rollback(t: Transfer, received: tuple[int, int] | None) -> None:
                        f"version {version})")
 
 
-class _RegionReader:
-    """Reads ``size`` bytes from ``f`` and hashes them (the payload, read once more)."""
+class _CipherReader:
+    """What pyrage reads the payload from: ``size`` bytes of ``f``, read in 1 MiB
+    pieces, each hashed on the worker (the payload's digest, checked again on the bytes
+    actually decrypted) and served in the small reads pyrage makes."""
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    def __init__(self, f: BinaryIO, size: int, worker: _Worker) -> None:
         self._f = f
         self._left = size
+        self._worker = worker
+        self._piece = b""
+        self._at = 0
         self.hash = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        n = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        self.hash.update(data)
-        return data
+        if self._at >= len(self._piece):
+            if self._left <= 0:
+                return b""
+            self._piece = self._f.read(min(_BLOCK, self._left))
+            self._at = 0
+            if not self._piece:
+                return b""  # shorter than the header says: the digest check refuses it
+            self._left -= len(self._piece)
+            self._worker.submit(self.hash.update, self._piece)
+        if n is None or n < 0:
+            n = len(self._piece)
+        start, self._at = self._at, min(self._at + n, len(self._piece))
+        return self._piece[start:self._at]
+
+
+class _PlainWriter:
+    """Where pyrage writes the plaintext: gathered into 1 MiB pieces fed to ``sink`` on
+    the worker (no pipe, no copy beyond the gathering)."""
+
+    def __init__(self, sink: Callable[[bytearray], None], worker: _Worker) -> None:
+        self._sink = sink
+        self._worker = worker
+        self._piece = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._piece += data
+        if len(self._piece) >= _BLOCK:
+            self._worker.submit(self._sink, self._piece)
+            self._piece = bytearray()
+        return len(data)
+
+    def flush(self) -> None:
+        pass  # pieces are handed over whole; the last one by close()
+
+    def close(self) -> None:
+        if self._piece:
+            self._worker.submit(self._sink, self._piece)
+            self._piece = bytearray()
 
 
 def _hash_payload(env: Envelope) -> str:
@@ -785,66 +954,55 @@ def _hash_payload(env: Envelope) -> str:
 
 def _decrypt_and_unpack(env: Envelope, identities: Sequence[Any], dest: Path,
                         limits: Limits) -> dict[str, str]:
-    """(7b, 8) Decrypt the payload and unpack it as it streams; no tar is written.
+    """(7b, 8) Decrypt the payload and unpack it as it is decrypted; no tar is written.
 
-    pyrage decrypts into a pipe; a thread unpacks from the other end with the checks of
-    :func:`transfer.archive.unpack_stream` and hashes every file it writes (the digests
-    are returned). If unpacking refuses, the pipe closes and decryption stops. The
-    unpacking thread is joined on every path out, so nothing writes into ``dest`` once
-    this returns or raises. The payload digest is checked again on the bytes actually
-    decrypted (the file could have changed since step 7a).
+    One read of the payload: pyrage decrypts in this thread, from :class:`_CipherReader`
+    into :class:`_PlainWriter`; a worker thread hashes each piece of ciphertext (the
+    payload digest is checked again on the bytes actually decrypted: the file could
+    have changed since step 7a) and feeds the plaintext to a
+    :class:`transfer.archive.Unpacker` (the checks of the strict reader; every file
+    hashed as it is written: the digests are returned). The two run on two cores. If
+    unpacking refuses, decryption stops at its next write. The worker is joined on
+    every path out, so nothing writes into ``dest`` once this returns or raises.
     """
-    read_fd, write_fd = os.pipe()
-    with suppress(OSError):  # a 1 MiB pipe (Linux's limit), not 64 KiB: fewer switches
-        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    failure: list[BaseException] = []
-    digests: dict[str, str] = {}
-
-    def consume() -> None:
-        try:
-            with os.fdopen(read_fd, "rb", buffering=_CHUNK) as pipe:
-                digests.update(unpack_stream(pipe, dest, limits))
-        except BaseException as e:  # reported to the decrypting thread below
-            failure.append(e)
-
-    worker = threading.Thread(target=consume, name="passerelle-unpack", daemon=True)
-    worker.start()
+    unpacker = Unpacker(dest, limits)
+    worker = _Worker()
     decrypt_error: BaseException | None = None
     try:
         with env.path.open("rb") as f:
             f.seek(env.payload_offset)
-            reader = _RegionReader(f, env.header.payload_size)
-            with os.fdopen(write_fd, "wb", buffering=_CHUNK) as pipe:
-                write_fd = -1
-                try:
-                    pyrage.decrypt_io(reader, pipe, list(identities))
-                    pipe.flush()
-                except BrokenPipeError:
-                    pass  # the unpacking thread stopped; its error is raised below
-                except (pyrage.DecryptError, OSError) as e:
-                    # pyrage raises OSError('decryption error') for a corrupted chunk
-                    decrypt_error = e
+            reader = _CipherReader(f, env.header.payload_size, worker)
+            writer = _PlainWriter(unpacker.feed, worker)
+            try:
+                pyrage.decrypt_io(reader, writer, list(identities))
+                writer.close()
+            except _Stopped:
+                pass  # the worker's error is raised below
+            except (pyrage.DecryptError, OSError) as e:
+                # pyrage raises OSError('decryption error') for a corrupted chunk, and
+                # an OSError for an exception raised in our callbacks (_Stopped)
+                decrypt_error = e
     except OSError as e:
         decrypt_error = e
     finally:
-        if write_fd != -1:
-            os.close(write_fd)
-        worker.join()
-    if failure and not (decrypt_error is not None and
-                        isinstance(failure[0], UnsafeArchive) and "truncated" in
-                        str(failure[0])):
-        raise failure[0]
+        worker.finish()
+        unpacker.abort()
+    if worker.failure is not None:
+        raise worker.failure
     if decrypt_error is not None:
         raise DecryptionFailed(f"{env.path.name}: cannot decrypt the payload with this "
                                "site's identity (or it is corrupted)") from decrypt_error
+    digests = unpacker.close()
     if "sha256:" + reader.hash.hexdigest() != env.header.payload_digest:
         raise DigestMismatch(f"{env.path.name}: the payload changed while it was read")
     return digests
 
 
-def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work: Path) -> None:
+def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work: Path,
+                           known: dict[str, str] | None = None) -> None:
     """(9) OpenSSF Model Signing verification with the sender's pinned key, over every
-    file of ``model_dir`` (no ignored paths: a file the signature does not cover fails)."""
+    file of ``model_dir`` (no ignored paths: a file the signature does not cover fails).
+    ``known``: digests of files hashed as they were unpacked (see :func:`_hashing_config`)."""
     from model_signing import verifying
 
     try:
@@ -860,7 +1018,7 @@ def verify_model_signature(model_dir: Path, signature: Path, key_pem: str, work:
     pub.write_text(key_pem)
     try:
         config = verifying.Config()  # type: ignore[no-untyped-call]
-        config.set_hashing_config(_hashing_config())
+        config.set_hashing_config(_hashing_config(known))
         config.use_elliptic_key_verifier(public_key=pub).verify(model_dir, signature)
     except Exception as e:
         raise SignatureInvalid(f"the model signature does not verify with the sender's key: "
@@ -905,7 +1063,8 @@ def verify_payload(env: Envelope, sender: PublicIdentity, me: PublicIdentity,
         time.sleep(float(pause))
     check_layout(root, digests)                                         # (8)
     verify_model_signature(root / MODEL_DIR, root / SIGNATURE_FILE,     # (9)
-                           sender.signing_key_pem, work)
+                           sender.signing_key_pem, work,
+                           {str(root / name): d for name, d in digests.items()})
     statement = read_statement(root / MODEL_DIR)                       # (10)
     if statement.transfer != env.header.transfer:
         raise StatementMismatch(f"{env.path.name}: the signed transfer statement inside does "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import getpass
 import json
 import os
@@ -29,6 +30,8 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -264,8 +267,71 @@ def read_passphrase(prompt: str, confirm: bool = False,
     return first or None
 
 
+ROTATION_JOURNAL = ".rotation-journal.json"  # in the home, during a rotation's swap
+_ROTATION_LOCK = ".rotation.lock"
+_rotating = False  # this process holds the rotation lock (settle_rotation is a no-op)
+
+
 def identity_dir(home: Path) -> Path:
+    """``HOME/identity``, once a ``site rotate`` killed during its key swap is settled
+    (see :func:`settle_rotation`): every command that reads the identity goes through
+    here, so the next one finds a whole identity folder."""
+    settle_rotation(home)
     return home / IDENTITY_DIR
+
+
+@contextmanager
+def _rotation_lock(home: Path) -> Iterator[None]:
+    global _rotating
+    with (home / _ROTATION_LOCK).open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _rotating = True
+        try:
+            yield
+        finally:
+            _rotating = False
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def settle_rotation(home: Path) -> None:
+    """Finish or undo the key swap of a ``site rotate`` that was killed during it.
+
+    The rotation writes a journal (:data:`ROTATION_JOURNAL`: the folder of the new keys
+    and the name the current folder is moved to) before its two renames, under a lock,
+    and removes it after its record. A journal found here (the lock taken: the rotation
+    is not running) means it died: with no ``identity/`` (killed between the renames)
+    the new folder, complete before the journal was written, is moved in (roll
+    forward; the next recorded act records the rotation, see
+    :func:`transfer.acts.record_unrecorded_rotation`); with ``identity/`` and the new
+    folder both there (killed before the swap), the new folder is dropped and the keys
+    are unchanged; with the swap done, only the journal is left to remove.
+    """
+    journal = home / ROTATION_JOURNAL
+    if _rotating or not journal.is_file():
+        return
+    try:
+        with _rotation_lock(home):
+            if not journal.is_file():
+                return  # settled by another command meanwhile
+            try:
+                doc = json.loads(journal.read_bytes())
+                new, old = home / doc["new"], home / doc["old"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise IdentityError(f"{journal}: unreadable rotation journal; move it away "
+                                    "after checking the identity folder") from e
+            if not (str(doc["new"]).startswith(".identity-") and
+                    str(doc["old"]).startswith(".identity-old-") and
+                    new.parent == home and old.parent == home):
+                raise IdentityError(f"{journal}: not a rotation journal of this home")
+            target = home / IDENTITY_DIR
+            if not target.exists():
+                os.rename(new if new.is_dir() else old, target)
+            elif new.is_dir():
+                shutil.rmtree(new)
+            journal.unlink()
+    except OSError as e:
+        raise IdentityError(f"{home}: an interrupted key rotation cannot be finished: "
+                            f"{e.strerror or e}") from e
 
 
 def public_identity(home: Path) -> PublicIdentity:
@@ -307,6 +373,7 @@ def rotate_site(home: Path, passphrase: str | None = None,
 
     current = load_site(home, passphrase)
     target = identity_dir(home)
+    journal = home / ROTATION_JOURNAL
     try:
         with recorder(home, current) as rec:  # an unusable ledger stops it here
             work = Path(tempfile.mkdtemp(prefix=".identity-", dir=home))
@@ -316,21 +383,36 @@ def rotate_site(home: Path, passphrase: str | None = None,
                 public = _write_keys(work, current.site, current.passphrase, now,
                                      previous=current)
                 _retire(target, work, current)
-                os.rename(target, stale)
-                os.rename(work, target)
-                swapped = True
-                record_rotation(rec, current, public)  # signed by the key being retired
+                with _rotation_lock(home):  # a kill in here is settled by the next command
+                    _write_journal(journal, {"new": work.name, "old": stale.name})
+                    os.rename(target, stale)
+                    os.rename(work, target)
+                    swapped = True
+                    record_rotation(rec, current, public)  # signed by the key retired
+                    journal.unlink()
             except BaseException:
                 if swapped:
                     os.rename(target, work)
                     os.rename(stale, target)
                 shutil.rmtree(work, ignore_errors=True)
+                journal.unlink(missing_ok=True)
                 raise
             shutil.rmtree(stale, ignore_errors=True)
     except OSError as e:
         raise IdentityError(f"{target}: cannot rotate the site's keys: "
                             f"{e.strerror or e} (the current keys are unchanged)") from e
     return public
+
+
+def _write_journal(path: Path, doc: dict[str, str]) -> None:
+    """``doc`` at ``path``, durably (written beside it, synced, renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(canonical_json(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _retire(target: Path, work: Path, current: SiteIdentity) -> None:

@@ -20,6 +20,11 @@ class LedgerBroken(Refused):
         self.reason = reason
 
 
+class UnrecordedRotation(Refused):
+    """The home's signing key is not the last one this site's ledger records (a key
+    rotation without its ``trust_rotated`` record, or keys swapped by hand)."""
+
+
 class CheckpointMismatch(Refused):
     """The ledger does not hold the head named by a signed checkpoint (truncated or forked)."""
 

@@ -32,6 +32,7 @@ from transfer.ledger import (
     ledger_url,
     read_checkpoint,
 )
+from transfer.ledger_errors import UnrecordedRotation
 from transfer.records import EcdsaSigner, KeyRing, Record, RecordKind, Subject
 from transfer.trust import Status, TrustStore
 
@@ -140,6 +141,27 @@ class SiteVerification:
     peer: PeerCheck | None
 
 
+def check_current_key(home: Path, ledger: Ledger) -> None:
+    """Refuse (:class:`UnrecordedRotation`) when the signing key in the home is not the
+    last one the ledger records for this site: the key of its last own
+    ``trust_rotated`` record, else the key that signed its first record. Call once the
+    chain verifies."""
+    records = ledger.records()
+    if not records:
+        return
+    expected = records[0].keyid
+    for r in records:
+        if r.kind is RecordKind.TRUST_ROTATED and r.fields.get("own_key"):
+            expected = str(r.fields.get("fingerprint"))
+    current = public_identity(home).fingerprint
+    if current != expected:
+        raise UnrecordedRotation(
+            f"site {ledger.site}: the signing key in the home ({current}) is not the last "
+            f"one the ledger records ({expected}): a key rotation was not recorded (a "
+            "'site rotate' killed before its trust_rotated record?); the next recorded "
+            "act records it if the previous key is in identity/retired/")
+
+
 def verify_site(home: Path, url: str | None = None, checkpoint: Path | None = None,
                 peer: Path | None = None) -> SiteVerification:
     """Signatures, chain and MLflow digests; then a checkpoint and a peer's export if given.
@@ -149,6 +171,7 @@ def verify_site(home: Path, url: str | None = None, checkpoint: Path | None = No
     """
     with open_ledger(home, url) as ledger:
         result = ledger.verify(own_keys(home), mlflow_digest_checker(home))
+        check_current_key(home, ledger)
         from adapters.budget_store import check_store  # the budget store holds the charges
 
         check_store(home, ledger.records(kind=RecordKind.FINETUNE_STARTED))

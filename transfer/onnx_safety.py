@@ -9,9 +9,12 @@ an operator domain outside the allow-list.
 The check reads the protobuf wire format itself, streaming from the file: it descends
 only into the messages that can hold those constructs and seeks over everything else
 (weights included), so a 1 GiB model is checked in a few MB of memory and no onnx
-parser code runs on it. Models up to ``FULL_PARSE_LIMIT`` are then also loaded with
-``onnx.load(load_external_data=False)`` as a second, complete decoding; a model that
-onnx cannot decode is refused.
+parser code runs on it. Models up to ``FULL_PARSE_LIMIT`` (4 MiB) are then also loaded
+with ``onnx.load(load_external_data=False)`` as a second, complete decoding; a model
+that onnx cannot decode is refused. The limit bounds what that costs: importing onnx
+(~25 MB) and decoding hold about twice the model in memory, so above 4 MiB (it was
+32 MiB) a receive's memory no longer grows with the model (a 30 MiB model peaked at
+167 MB in ``bundle verify``, against 86 MB now, as for 300 MiB).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from transfer.errors import UnsafeModel
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit
-FULL_PARSE_LIMIT = 32 << 20
+FULL_PARSE_LIMIT = 4 << 20
 MAX_NESTING = 32
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
