@@ -135,27 +135,18 @@ def test_receive_killed_at_random_points_registers_each_bundle_once(tmp_path: Pa
 
 
 def _exported_version(home: Path, root: Path, pad: bool = True) -> str:
-    """A registered version with a logged ONNX export and a recorded export override, as
-    ``model export --override`` leaves it (real MLflow, tiny ONNX)."""
-    from passerelle.digests import sha256_file
+    """A vendor's tiny ONNX registered through the intake and exported with a recorded
+    override, as ``model register`` then ``model export --override`` leave it (real
+    MLflow); ``pad``: 4 MiB more weights, for a longer encryption for the kill to land in."""
+    from passerelle import steps
+    from registry.store import VersionRef
+    from tests.conftest import TEST_OVERRIDE
+    from tests.intake_support import registered_torch_onnx
 
-    store = ModelStore(home)
-    ship = ship_dir(root / "src", name="export")
-    if pad:  # a longer encryption for the kill to land in (no longer a valid ONNX)
-        (ship / "model.onnx").write_bytes((ship / "model.onnx").read_bytes() + bytes(4 << 20))
-    (ship / "model_card.json").write_text(json.dumps({"parity": {
-        "inputs": 8, "max_abs_diff": 0.0, "top1_agreement": 1.0, "tolerance": 1e-4}}))
-    digest = sha256_file(ship / "model.onnx")
-    client = store.client
-    run = client.create_run(store._experiment())
-    client.log_artifacts(run.info.run_id, str(ship), "onnx")
-    client.create_registered_model("pmsi-coder")
-    client.create_model_version("pmsi-coder", f"{run.info.artifact_uri}/onnx",
-                                run_id=run.info.run_id, tags={
-                                    TAG + "onnx_digest": digest,
-                                    TAG + "export.override.onnx_digest": digest,
-                                    TAG + "export.override.approver": "Test"})
-    return "pmsi-coder/1"
+    ref = registered_torch_onnx(home, root / "src", pad_mib=4 if pad else 0)
+    steps.export_model(ModelStore(home), VersionRef.parse(ref), root / "src" / "exported",
+                       TEST_OVERRIDE)
+    return ref
 
 
 def test_create_killed_at_random_points_leaves_no_plaintext_and_no_reused_sequence(
