@@ -200,16 +200,17 @@ def test_the_coder_and_the_tied_graph_take_the_ghost_path_by_default(
 
 
 def test_a_weight_read_by_an_unknown_layer_takes_the_per_example_path() -> None:
-    """A trained weight read by Mul (a layer the ghost-norm path does not know): the
-    general path runs and says why; forcing the ghost path is refused."""
+    """A trained weight read by Div (not linear in the weight: a layer the ghost-norm
+    path does not know): the general path runs and says why; forcing the ghost path is
+    refused."""
     rng = np.random.default_rng(3)
     proto = _model([
-        helper.make_node("Mul", ["x", "scale"], ["xs"], name="scale/Mul"),
+        helper.make_node("Div", ["x", "scale"], ["xs"], name="scale/Div"),
         helper.make_node("MatMul", ["xs", "w"], ["logits"], name="out/MatMul"),
     ], [_init(rng, "scale", 4), _init(rng, "w", 4, N_CLASSES)], TensorProto.FLOAT, ["n", 4])
     executor = OnnxExecutor.from_model(proto)
     sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.1))
-    assert sgd.path is ClipPath.PER_EXAMPLE and "Mul" in sgd.fallback_reason
+    assert sgd.path is ClipPath.PER_EXAMPLE and "Div" in sgd.fallback_reason
     x, y, seg = _batch("dense", np.random.default_rng(7))
     norms_ref, sum_ref = _reference(executor, "x", x, y, seg, 1 - CLIP_MARGIN)
     summed, norms = sgd.clipped_sum(x, y, seg, 5)
