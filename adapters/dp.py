@@ -882,16 +882,22 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
                     unit_bound = tf.math.unsorted_segment_sum(stay_bound, seg, n)
                     err_pairs += (sum(matrix) + float(positions) ** 2 + rows64 * rows64
                                   + 16) * _ULP * tf.square(unit_bound)
-                else:  # direct: per-stay gradients (rows x d0 x d1), summed per unit
-                    sq += tf.reduce_sum(tf.square(tf.math.unsorted_segment_sum(
-                        tf.linalg.matmul(left, right, transpose_a=True), seg, n)), [1, 2])
+                    def dense_sum(w: Any, left: Any = left, right: Any = right,
+                                  matrix: list[int] = matrix) -> Any:
+                        weighted = tf.reshape(right * w[:, None, None], [-1, matrix[1]])
+                        return tf.linalg.matmul(tf.reshape(left, [-1, matrix[0]]),
+                                                weighted, transpose_a=True)
+                    sums[i] = dense_sum
+                else:  # direct: per-stay gradients (rows x d0 x d1), summed per unit;
+                    # the clipped sum from those per-unit gradients (no second product)
+                    per_unit = tf.math.unsorted_segment_sum(
+                        tf.linalg.matmul(left, right, transpose_a=True), seg, n)
+                    sq += tf.reduce_sum(tf.square(per_unit), [1, 2])
 
-                def dense_sum(w: Any, left: Any = left, right: Any = right,
-                              matrix: list[int] = matrix) -> Any:
-                    weighted = tf.reshape(right * w[:, None, None], [-1, matrix[1]])
-                    return tf.linalg.matmul(tf.reshape(left, [-1, matrix[0]]), weighted,
-                                            transpose_a=True)
-                sums[i] = dense_sum
+                    def unit_sum(factor: Any, per_unit: Any = per_unit) -> Any:
+                        return tf.tensordot(factor, per_unit, axes=1)
+                    sums[i] = unit_sum
+                    by_unit.add(i)
         elif kind == "scale":
             size = int(np.prod(shape))
             per_stay: Any = None
@@ -907,12 +913,14 @@ def _ghost_clipped_sum(tf: Any, executor: Any, input_name: str, output_name: str
                 per_stay = part if per_stay is None else per_stay + part
                 stay_bound = part_bound if stay_bound is None else stay_bound + part_bound
                 terms = tf.maximum(terms, rows64 * float(lead * np.prod(tail) / size))
-            sq += tf.reduce_sum(tf.square(tf.math.unsorted_segment_sum(per_stay, seg, n)), 1)
+            per_unit = tf.math.unsorted_segment_sum(per_stay, seg, n)
+            sq += tf.reduce_sum(tf.square(per_unit), 1)
             add_bound(stay_bound)
 
-            def scale_sum(w: Any, per_stay: Any = per_stay) -> Any:
-                return tf.linalg.matvec(per_stay, w, transpose_a=True)
+            def scale_sum(factor: Any, per_unit: Any = per_unit) -> Any:
+                return tf.linalg.matvec(per_unit, factor, transpose_a=True)
             sums[i] = scale_sum
+            by_unit.add(i)
         elif kind == "bias":
             per_stay = tf.add_n([tf.reduce_sum(tf.reshape(
                 tf.cast(g_of[u.output], f64), [rows, -1, shape[-1]]), 1) * u.scale
