@@ -25,17 +25,29 @@ DP-SGD (:func:`train_dp_sgd`)
        weight read by several nodes (tied) is one weight whose uses are summed before
        its norm is taken. Two paths (:class:`ClipPath`):
        ghost-norm: one forward and one backward pass of the batch to every trained
-       layer's output; norms from layer inputs and output gradients (Gram form for
-       MatMul/Gemm weights, segment sums for biases and for embedding rows: only the
-       rows a unit's tokens touch), no per-stay gradient is materialised;
+       layer's output; norms from layer inputs and output gradients, per layer:
+       MatMul/Gemm weights on one position per stay in Gram form; on several (3-D
+       activations: attention projections, feed-forward) the pairs of a unit's stays
+       in Gram form or the per-stay gradients ``L^T R`` of that layer alone, whichever
+       costs less (``P (d_in + d_out)`` against ``d_in d_out``); Conv kernels (group
+       1) as dense layers over their im2col windows (per-stay gradients); biases and
+       elementwise weights of Add/Sub/Mul (LayerNormalization and BatchNormalization
+       scale and shift, written as ops or as the ONNX operators, positional weights,
+       Conv biases) as per-stay sums over the positions they broadcast on; embedding
+       rows by segment sums (only the rows a unit's tokens touch); a weight read
+       through views of itself alone (Reshape, Transpose, Squeeze...) by its view, put
+       back in its own order. No per-stay gradient of the whole model is materialised.
+       Recurrent layers (GRU, LSTM), Div, and a weight read both directly and through a
+       view, or by two kinds of layer, take the other path:
        per-example (any graph the executor runs): per-stay gradients with
        ``tf.vectorized_map``, summed per unit (``unsorted_segment_sum``).
        The ghost-norm path runs when every trained weight is read by a layer it knows,
-       and only after its norms and clipped sum matched the per-example path's on the
-       first step with two units (else the run falls back; :attr:`DpSgd.path` says
-       which ran). Tensorflow-privacy's own fast clipping is not used: it knows only
-       Keras layers, under-clips tied weights and divides by the realised batch size
-       (DESIGN.md).
+       when a probe (the graph run on 2 and on 3 copies of one stay) shows every tensor
+       those layers read keeping a batch's stays apart along its leading axis, and only
+       after its norms and clipped sum matched the per-example path's on the first
+       step with two units (else the run falls back; :attr:`DpSgd.path` says which ran).
+       Tensorflow-privacy's own fast clipping is not used: it knows only Keras layers,
+       under-clips tied weights and divides by the realised batch size (DESIGN.md).
     3. Each unit is clipped to L2 norm ``clip`` (factor ``min(1, clip / norm)``, the rule
        of tensorflow-privacy's ``GaussianSumQuery.preprocess_record``), in float64 with a
        rounding margin (README, "Floating point"), and the clipped contributions summed:

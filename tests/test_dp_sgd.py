@@ -4,8 +4,11 @@ Every per-unit norm and clipped sum is checked against a one-unit-at-a-time refe
 (a plain tape over the sum of the unit's stays' losses, clipped by tensorflow-privacy's
 ``GaussianSumQuery.preprocess_record``), on graphs that exercise each form the
 ghost-norm path knows (MatMul, Gemm with transB and its C bias, Add biases, embeddings
-read by Gather, a weight read twice, a MatMul over token positions) and on graphs it
-must refuse or detect.
+read by Gather, a weight read twice, a MatMul over token positions in both its forms,
+Conv 1-D and 2-D and a tied kernel, LayerNormalization, BatchNormalization, Mul/Sub
+weights broadcast over positions, a weight read through a Transpose), on the vendors'
+models of tests/vendor_models.py, and on graphs it must refuse or detect (a weight read
+directly and transposed, a time-major layer, factors that mix the stays of a batch).
 """
 
 from __future__ import annotations
