@@ -111,24 +111,48 @@ def _conv_by_patches(x: Tensor, w: Tensor, kernel: list[int], strides: list[int]
     ``tf.nn.convolution``, whose filter gradient ``tf.vectorized_map`` can only run as a
     loop, its per-example gradients vectorise: DP-SGD's per-stay gradients stay cheap.
     """
+    patches, outs = _patches(x, int(x.shape[1]), kernel, strides, dilations, sizes, pads)
+    windows = int(np.prod(kernel))
+    channels, batch = int(x.shape[1]), tf.shape(x)[0]
+    m = int(w.shape[0])
+    per_group, out_group = channels // group, m // group
+    ys = []
+    for g in range(group):
+        cols = patches[:, g * per_group * windows:(g + 1) * per_group * windows]
+        wg = tf.reshape(w[g * out_group:(g + 1) * out_group], [out_group, -1])  # M/g, C/g*K
+        ys.append(tf.linalg.matmul(wg, cols))  # N, M/g, positions
+    y = tf.concat(ys, axis=1) if group > 1 else ys[0]
+    return tf.reshape(y, tf.stack([batch, m, *outs]))
+
+
+def _patches(x: Tensor, channels: int, kernel: list[int], strides: list[int],
+             dilations: list[int], sizes: list[int],
+             pads: list[tuple[Any, Any]]) -> tuple[Tensor, list[int]]:
+    """(N, C*K, positions) columns of the kernel's windows (channel-major, then the
+    kernel's cells in row-major order: the layout of ``w.reshape(M, C*K)``), and the
+    output's spatial sizes."""
     padded = tf.pad(x, [[0, 0], [0, 0], *[[int(a), int(z)] for a, z in pads]])
     outs = [(size + int(a) + int(z) - ((k - 1) * d + 1)) // s + 1
             for size, k, s, d, (a, z) in zip(sizes, kernel, strides, dilations, pads,
                                               strict=True)]
     windows = _windows(padded, kernel, strides, dilations, outs)  # K x [N, C, out...]
     patches = tf.stack(windows, axis=2)  # N, C, K, out...
-    channels, positions = int(x.shape[1]), int(np.prod(outs))
     batch = tf.shape(x)[0]
-    patches = tf.reshape(patches, tf.stack([batch, channels * len(windows), positions]))
-    m = int(w.shape[0])
-    per_group, out_group = channels // group, m // group
-    ys = []
-    for g in range(group):
-        cols = patches[:, g * per_group * len(windows):(g + 1) * per_group * len(windows)]
-        wg = tf.reshape(w[g * out_group:(g + 1) * out_group], [out_group, -1])  # M/g, C/g*K
-        ys.append(tf.linalg.matmul(wg, cols))  # N, M/g, positions
-    y = tf.concat(ys, axis=1) if group > 1 else ys[0]
-    return tf.reshape(y, tf.stack([batch, m, *outs]))
+    shape = tf.stack([batch, channels * len(windows), int(np.prod(outs))])
+    return tf.reshape(patches, shape), outs
+
+
+def conv_patches(ctx: NodeContext, x: Tensor, kernel: list[int],
+                 sizes: list[int]) -> Tensor:
+    """The im2col columns of Conv node ``ctx`` on ``x`` (N, C, spatial... with the
+    spatial ``sizes`` given), as the executor's own convolution computes them: (N, C*K,
+    positions), so that the convolution is ``w.reshape(M, C*K) @ columns`` (group 1).
+    For DP-SGD's ghost norms (a convolution is a dense layer over its windows)."""
+    n = len(kernel)
+    strides = _list(ctx, "strides", n, 1)
+    dilations = _list(ctx, "dilations", n, 1)
+    pads = _pads(ctx, list(sizes), kernel, strides, dilations)
+    return _patches(x, int(x.shape[1]), kernel, strides, dilations, list(sizes), pads)[0]
 
 
 def _conv_by_tf(x: Tensor, w: Tensor, strides: list[int], dilations: list[int], group: int,

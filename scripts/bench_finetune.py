@@ -19,9 +19,17 @@
    per-example (fallback) path timed beside them; and the peak resident memory of
    each phase above the memory at its start (/proc/self/status sampled every 5 ms).
 
+4. (``--vendor keras-conv1d keras-transformer``, instead of 1-3) the same cost
+   measurement for the vendors' Conv1D and transformer encoder of
+   tests/vendor_models.py, built wider (vocabulary 5,000, 256 tokens, embedding 64, 50
+   codes), converted by tf2onnx as a vendor's model is, every weight trained, on
+   synthetic token ids, an expected 256 stays per step.
+
 Usage: python scripts/bench_finetune.py [--x-stays 20000] [--y-stays 6000]
        [--epsilon 3] [--epochs 10] [--repeats 5] [--cost-only] [--workdir DIR]
        [--json FILE]
+       python scripts/bench_finetune.py --vendor keras-conv1d keras-transformer
+       [--vendor-stays 4096] [--repeats 5] [--vendor-per-example] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -62,6 +71,9 @@ from registry.vocabulary import Vocabulary
 from transfer.identity import init_site
 from transfer.pseudonym import site_key
 from transfer.site_policy import set_value
+
+DEFAULT_LAYER_SETS: tuple[tuple[str, ...] | None, ...] = (
+    ("hidden", "logits"), ("embedding", "hidden", "logits"))
 
 
 def _rss_kib() -> int:
@@ -120,9 +132,28 @@ def main() -> int:
                         help="alternated plain/DP epochs per layer set (default 5)")
     parser.add_argument("--cost-only", action="store_true",
                         help="skip the utility comparison (2), measure only the cost (3)")
+    parser.add_argument("--vendor", nargs="*", default=None,
+                        choices=["keras-conv1d", "keras-transformer"],
+                        help="measure only the cost of these vendor architectures "
+                             "(default: none; the coder's benchmark runs)")
+    parser.add_argument("--vendor-stays", type=int, default=4096)
+    parser.add_argument("--vendor-tokens", type=int, default=256)
+    parser.add_argument("--vendor-vocab", type=int, default=5000)
+    parser.add_argument("--vendor-embed", type=int, default=64)
+    parser.add_argument("--vendor-classes", type=int, default=50)
+    parser.add_argument("--vendor-batch", type=int, default=256,
+                        help="expected stays per step (default 256)")
+    parser.add_argument("--vendor-per-example", action="store_true",
+                        help="also time one epoch on the per-example path (slow)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.vendor:
+        vendors = {"vendor_cost": vendor_cost(args)}
+        print(json.dumps(vendors, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(vendors, indent=1) + "\n")
+        return 0
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"x_stays": args.x_stays, "y_stays": args.y_stays,
@@ -198,15 +229,18 @@ def utility(args: argparse.Namespace, work: Path, store_y: ModelStore, received:
     results["scratch_epsilon_pld"] = eps_pld
 
 
-def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int,
-                   repeats: int = 5) -> dict[str, Any]:
+def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int, repeats: int = 5,
+                   layer_sets: Sequence[tuple[str, ...] | None] = DEFAULT_LAYER_SETS,
+                   per_example: bool = True) -> dict[str, Any]:
     """DP epoch vs plain epoch, same model, data, batch size (in stays) and optimizer.
 
     The DP epoch is the production configuration: Poisson sampling and float64 noise from
     the OS CSPRNG (SecureRandom), clipping on the path DpSgd chose (reported). Plain and
     DP epochs alternate ``repeats`` times after a warm-up; the ratio is the median of
     the per-repeat ratios (the machine is shared: alternation keeps both under the same
-    load). The per-example path (the general fallback) is timed once beside them."""
+    load). The per-example path (the general fallback) is timed once beside them
+    (``per_example``). ``layer_sets``: the trained layers of each measurement (None:
+    every weight)."""
     import tensorflow as tf
 
     from adapters.dp import ClipPath, train_dp_sgd
@@ -219,8 +253,9 @@ def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int,
                           plan.clip)
     out: dict[str, Any] = {"stays": len(site.labels), "batch_stays": batch,
                            "dp_steps_per_epoch": one_epoch.steps, "repeats": repeats}
-    for trainable in (("hidden", "logits"), ("embedding", "hidden", "logits")):
-        executor = OnnxExecutor.from_model(proto, trainable=list(trainable))
+    for trainable in layer_sets:
+        executor = OnnxExecutor.from_model(
+            proto, trainable=list(trainable) if trainable is not None else None)
         secure = SecureRandom()
 
         def make(path: ClipPath | None, executor: OnnxExecutor = executor,
@@ -248,25 +283,101 @@ def cost_per_epoch(proto: Any, site: Any, plan: DpSgdPlan, seed: int,
 
         plain_epoch()  # warm-up: traces the tf.functions of every path
         dp_epoch()
-        slow_epoch()
-        plain_s, dp_s, ratios, cpu_ratios = [], [], [], []
+        if per_example:
+            slow_epoch()
+        plain_s, dp_s, ratios, cpu_ratios, plain_cpu, dp_cpu = [], [], [], [], [], []
         for _ in range(repeats):
             p_s, plain_mem = timed(plain_epoch)
             d_s, dp_mem = timed(dp_epoch)
             plain_s.append(p_s)
             dp_s.append(d_s)
+            plain_cpu.append(plain_mem["cpu_seconds"])
+            dp_cpu.append(dp_mem["cpu_seconds"])
             ratios.append(d_s / p_s)
             cpu_ratios.append(dp_mem["cpu_seconds"] / plain_mem["cpu_seconds"])
-        slow_s, slow_mem = timed(slow_epoch)
-        out["+".join(trainable)] = {
+        row: dict[str, Any] = {
             "dp_path": sgd.path.value, "dp_fallback_reason": sgd.fallback_reason,
             "plain_epoch_seconds": float(np.median(plain_s)),
             "dp_epoch_seconds": float(np.median(dp_s)),
+            "plain_epoch_cpu_seconds": float(np.median(plain_cpu)),
+            "dp_epoch_cpu_seconds": float(np.median(dp_cpu)),
             "time_ratio": float(np.median(ratios)), "time_ratios": ratios,
             "cpu_time_ratio": float(np.median(cpu_ratios)), "cpu_time_ratios": cpu_ratios,
-            "per_example_dp_epoch_seconds": slow_s,
-            "per_example_time_ratio": slow_s / float(np.median(plain_s)),
-            "plain_memory": plain_mem, "dp_memory": dp_mem, "per_example_memory": slow_mem}
+            "plain_memory": plain_mem, "dp_memory": dp_mem,
+            "load_average": os.getloadavg()}
+        if per_example:
+            slow_s, slow_mem = timed(slow_epoch)
+            row.update({"per_example_dp_epoch_seconds": slow_s,
+                        "per_example_time_ratio": slow_s / float(np.median(plain_s)),
+                        "per_example_cpu_seconds": slow_mem["cpu_seconds"],
+                        "per_example_memory": slow_mem})
+        out["+".join(trainable) if trainable is not None else "all"] = row
+    return out
+
+
+# ----------------------------------------------------------- vendors' architectures
+
+
+def vendor_keras_models(vocab: int, max_len: int, embed: int, classes: int) -> dict[str, Any]:
+    """The Conv1D and the transformer encoder of tests/vendor_models.py at a realistic,
+    CPU-friendly size (same layers, wider)."""
+    import tensorflow as tf
+
+    keras, layers = tf.keras, tf.keras.layers
+    tf.keras.utils.set_random_seed(0)
+    ids = keras.Input((max_len,), dtype="int32", name="token_ids")
+    h = layers.Embedding(vocab, embed, name="embedding")(ids)
+    h = layers.Conv1D(embed, 5, padding="same", activation="relu", name="conv_same")(h)
+    h = layers.Conv1D(embed, 3, padding="causal", dilation_rate=2, activation="relu",
+                      name="conv_causal")(h)
+    h = layers.MaxPooling1D(2, name="pool")(h)
+    h = layers.Conv1D(embed, 3, padding="valid", activation="tanh", name="conv_valid")(h)
+    h = layers.GlobalMaxPooling1D(name="global_max")(h)
+    conv = keras.Model(ids, layers.Dense(classes, name="logits")(h), name="vendor_conv1d")
+
+    ids = keras.Input((max_len,), dtype="int32", name="token_ids")
+    tokens = layers.Embedding(vocab, embed, name="token_embedding")(ids)
+    positions = layers.Embedding(max_len, embed, name="position_embedding")(
+        tf.range(max_len)[tf.newaxis, :])
+    h = tokens + positions
+    attended = layers.MultiHeadAttention(4, embed // 4, name="attention")(h, h)
+    h = layers.LayerNormalization(epsilon=1e-6, name="norm_1")(h + attended)
+    f = layers.Dense(2 * embed, activation="gelu", name="ffn_in")(h)
+    f = layers.Dense(embed, name="ffn_out")(f)
+    h = layers.LayerNormalization(epsilon=1e-6, name="norm_2")(h + f)
+    h = layers.GlobalAveragePooling1D(name="mean")(h)
+    transformer = keras.Model(ids, layers.Dense(classes, name="logits")(h),
+                              name="vendor_transformer")
+    return {"keras-conv1d": conv, "keras-transformer": transformer}
+
+
+def vendor_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """DP epoch / plain epoch of the vendors' Conv1D and transformer (every weight
+    trains), on synthetic token ids (1 to 3 stays per patient, padded tails), with an
+    expected batch of ``--vendor-batch`` stays."""
+    rng = np.random.default_rng(args.seed)
+    n, length = args.vendor_stays, args.vendor_tokens
+    x = rng.integers(1, args.vendor_vocab, size=(n, length)).astype(np.int32)
+    kept = rng.integers(length // 4, length + 1, size=n)
+    x[np.arange(length)[None, :] >= kept[:, None]] = 0
+    y = rng.integers(0, args.vendor_classes, size=n).astype(np.int64)
+    sizes = rng.integers(1, 4, size=n)  # stays per patient
+    unit_of_stay = np.repeat(np.arange(n), sizes)[:n]
+    units = int(unit_of_stay.max()) + 1
+    q = min(1.0, args.vendor_batch / n)  # patients sampled with q: ~batch stays a step
+    plan = DpSgdPlan(units, q * units, q, max(1, round(1 / q)), 1.0, 1.0)
+    site = SimpleNamespace(inputs=x, labels=y, units=unit_of_stay)
+    out: dict[str, Any] = {"stays": n, "patients": units, "tokens": length,
+                           "vocabulary": args.vendor_vocab, "embedding": args.vendor_embed,
+                           "expected_batch_stays": args.vendor_batch,
+                           "load_average_start": os.getloadavg()}
+    models = vendor_keras_models(args.vendor_vocab, length, args.vendor_embed,
+                                 args.vendor_classes)
+    for name in args.vendor:
+        proto = keras_to_onnx(models[name], length)
+        out[name] = cost_per_epoch(proto, site, plan, args.seed, args.repeats, [None],
+                                   per_example=args.vendor_per_example)
+        print(json.dumps({name: out[name]["all"]}, indent=1), flush=True)
     return out
 
 

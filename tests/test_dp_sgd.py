@@ -4,8 +4,11 @@ Every per-unit norm and clipped sum is checked against a one-unit-at-a-time refe
 (a plain tape over the sum of the unit's stays' losses, clipped by tensorflow-privacy's
 ``GaussianSumQuery.preprocess_record``), on graphs that exercise each form the
 ghost-norm path knows (MatMul, Gemm with transB and its C bias, Add biases, embeddings
-read by Gather, a weight read twice, a MatMul over token positions) and on graphs it
-must refuse or detect.
+read by Gather, a weight read twice, a MatMul over token positions in both its forms,
+Conv 1-D and 2-D and a tied kernel, LayerNormalization, BatchNormalization, Mul/Sub
+weights broadcast over positions, a weight read through a Transpose), on the vendors'
+models of tests/vendor_models.py, and on graphs it must refuse or detect (a weight read
+directly and transposed, a time-major layer, factors that mix the stays of a batch).
 """
 
 from __future__ import annotations
@@ -200,16 +203,17 @@ def test_the_coder_and_the_tied_graph_take_the_ghost_path_by_default(
 
 
 def test_a_weight_read_by_an_unknown_layer_takes_the_per_example_path() -> None:
-    """A trained weight read by Mul (a layer the ghost-norm path does not know): the
-    general path runs and says why; forcing the ghost path is refused."""
+    """A trained weight read by Div (not linear in the weight: a layer the ghost-norm
+    path does not know): the general path runs and says why; forcing the ghost path is
+    refused."""
     rng = np.random.default_rng(3)
     proto = _model([
-        helper.make_node("Mul", ["x", "scale"], ["xs"], name="scale/Mul"),
+        helper.make_node("Div", ["x", "scale"], ["xs"], name="scale/Div"),
         helper.make_node("MatMul", ["xs", "w"], ["logits"], name="out/MatMul"),
     ], [_init(rng, "scale", 4), _init(rng, "w", 4, N_CLASSES)], TensorProto.FLOAT, ["n", 4])
     executor = OnnxExecutor.from_model(proto)
     sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.1))
-    assert sgd.path is ClipPath.PER_EXAMPLE and "Mul" in sgd.fallback_reason
+    assert sgd.path is ClipPath.PER_EXAMPLE and "Div" in sgd.fallback_reason
     x, y, seg = _batch("dense", np.random.default_rng(7))
     norms_ref, sum_ref = _reference(executor, "x", x, y, seg, 1 - CLIP_MARGIN)
     summed, norms = sgd.clipped_sum(x, y, seg, 5)
@@ -339,3 +343,227 @@ def test_a_non_finite_gradient_stops_the_step_before_anything_is_applied(
         sgd.private_step(x, y, seg, 5, 5.0)
     for v, b in zip(executor.trainable_variables, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+# ------------------------------------------- sequences, convolutions, normalisation
+
+
+def _sequence_graph() -> onnx.ModelProto:
+    """Per-position layers over 3 positions: a 3-D MatMul and its bias, LayerNormalization
+    (scale and bias), a Mul by a weight broadcast over features, a Sub from a positional
+    weight, a MatMul whose weight is read through a Transpose (a view), a wide MatMul over
+    2 positions (the pair form: 2 * (8 + 8) < 8 * 8), mean over positions, Gemm."""
+    rng = np.random.default_rng(31)
+    pair_shape = numpy_helper.from_array(np.asarray([-1, 2, 8], np.int64), "pair_shape")
+    return _model([
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="seq/MatMul"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="seq/Add"),
+        helper.make_node("LayerNormalization", ["hb", "ln_scale", "ln_bias"], ["ln"],
+                         name="norm/LayerNormalization", axis=-1, epsilon=1e-5),
+        helper.make_node("Mul", ["ln", "gate"], ["gated"], name="gate/Mul"),
+        helper.make_node("Sub", ["position", "gated"], ["shifted"], name="pos/Sub"),
+        helper.make_node("Transpose", ["w2_raw"], ["w2"], name="view/Transpose",
+                         perm=[1, 0]),
+        helper.make_node("MatMul", ["shifted", "w2"], ["h2"], name="view/MatMul"),
+        helper.make_node("Tanh", ["h2"], ["t2"], name="view/Tanh"),
+        helper.make_node("Reshape", ["t2", "pair_shape"], ["pairs"], name="wide/Reshape"),
+        helper.make_node("MatMul", ["pairs", "w_wide"], ["wide"], name="wide/MatMul"),
+        helper.make_node("ReduceMean", ["wide"], ["m"], name="pool/Mean", axes=[1],
+                         keepdims=0),
+        helper.make_node("Gemm", ["m", "w3", "b3"], ["logits"], name="out/Gemm"),
+    ], [_init(rng, "w1", 4, 6), _init(rng, "b1", 6), _init(rng, "ln_scale", 6),
+        _init(rng, "ln_bias", 6), _init(rng, "gate", 4, 1), _init(rng, "position", 1, 4, 6),
+        _init(rng, "w2_raw", 4, 6), _init(rng, "w_wide", 8, 8), _init(rng, "w3", 8, N_CLASSES),
+        _init(rng, "b3", N_CLASSES), pair_shape], TensorProto.FLOAT, ["n", 4, 4])
+
+
+def _conv_graph() -> onnx.ModelProto:
+    """A 2-D Conv with padding, stride and its bias, BatchNormalization (inference), a
+    1x1 Conv with dilation attributes, global average pooling, Gemm."""
+    rng = np.random.default_rng(32)
+    mean = numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "bn_mean")
+    var = numpy_helper.from_array(rng.uniform(0.5, 2, size=3).astype(np.float32), "bn_var")
+    return _model([
+        helper.make_node("Conv", ["x", "k1", "c1"], ["h"], name="conv1/Conv",
+                         kernel_shape=[2, 3], pads=[1, 1, 0, 1], strides=[1, 2]),
+        helper.make_node("BatchNormalization", ["h", "bn_scale", "bn_bias", "bn_mean",
+                                                "bn_var"], ["bn"], name="bn/BatchNorm"),
+        helper.make_node("Relu", ["bn"], ["r"], name="bn/Relu"),
+        helper.make_node("Conv", ["r", "k2"], ["h2"], name="conv2/Conv",
+                         kernel_shape=[1, 1], dilations=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["p"], name="pool/Global"),
+        helper.make_node("Flatten", ["p"], ["f"], name="pool/Flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], name="out/Gemm", transB=1),
+    ], [_init(rng, "k1", 3, 2, 2, 3), _init(rng, "c1", 3), _init(rng, "bn_scale", 3),
+        _init(rng, "bn_bias", 3), mean, var, _init(rng, "k2", 4, 3, 1, 1),
+        _init(rng, "w3", N_CLASSES, 4), _init(rng, "b3", N_CLASSES)],
+        TensorProto.FLOAT, ["n", 2, 4, 5])
+
+
+def _tied_conv_graph() -> onnx.ModelProto:
+    """One 1-D kernel read by two Conv nodes (tied), one scale read by two Muls."""
+    rng = np.random.default_rng(33)
+    return _model([
+        helper.make_node("Conv", ["x", "k"], ["h"], name="conv1/Conv", kernel_shape=[3],
+                         pads=[1, 1]),
+        helper.make_node("Mul", ["h", "s"], ["hs"], name="conv1/Mul"),
+        helper.make_node("Tanh", ["hs"], ["t"], name="conv1/Tanh"),
+        helper.make_node("Conv", ["t", "k"], ["h2"], name="conv2/Conv", kernel_shape=[3],
+                         pads=[2, 0], dilations=[1]),
+        helper.make_node("Mul", ["h2", "s"], ["h2s"], name="conv2/Mul"),
+        helper.make_node("ReduceMax", ["h2s"], ["m"], name="pool/Max", axes=[2], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["logits"], name="out/MatMul"),
+    ], [_init(rng, "k", 2, 2, 3), _init(rng, "s", 2, 1), _init(rng, "w", 2, N_CLASSES)],
+        TensorProto.FLOAT, ["n", 2, 6])
+
+
+def _direct_and_view_graph() -> onnx.ModelProto:
+    """A weight read directly by one MatMul and, transposed, by another: its two reads
+    are not of one tensor (the ghost-norm path must not clip them apart, nor add them up
+    in different layouts)."""
+    rng = np.random.default_rng(34)
+    return _model([
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="enc/MatMul"),
+        helper.make_node("Tanh", ["h"], ["t"], name="enc/Tanh"),
+        helper.make_node("Transpose", ["w"], ["wt"], name="dec/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["t", "wt"], ["back"], name="dec/MatMul"),
+        helper.make_node("MatMul", ["back", "out"], ["logits"], name="out/MatMul"),
+    ], [_init(rng, "w", 4, 4), _init(rng, "out", 4, N_CLASSES)], TensorProto.FLOAT,
+        ["n", 4])
+
+
+def _time_major_graph() -> onnx.ModelProto:
+    """Positions moved to the leading axis before a per-position MatMul (time-major):
+    the leading axis no longer keeps a batch's stays apart."""
+    rng = np.random.default_rng(35)
+    axes = numpy_helper.from_array(np.asarray([0], np.int64), "axes")
+    return _model([
+        helper.make_node("Transpose", ["x"], ["tm"], name="tm/Transpose", perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["tm", "w"], ["h"], name="tm/MatMul"),
+        helper.make_node("ReduceSum", ["h", "axes"], ["logits"], name="tm/Sum", keepdims=0),
+    ], [_init(rng, "w", 4, N_CLASSES), axes], TensorProto.FLOAT, ["n", 3, 4])
+
+
+NEW_GRAPHS = {"sequence": (_sequence_graph, (4, 4)), "conv": (_conv_graph, (2, 4, 5)),
+              "tied-conv": (_tied_conv_graph, (2, 6))}
+
+
+def _float_batch(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray[Any, Any], ...]:
+    rng = np.random.default_rng(seed)
+    seg = np.asarray([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4], np.int32)
+    x = rng.normal(size=(len(seg), *shape)).astype(np.float32)
+    x[1] = x[0]  # two identical stays of one patient
+    return x, rng.integers(0, N_CLASSES, size=len(seg)), seg
+
+
+def _assert_equal_to_reference(executor: OnnxExecutor, name: str, x: Any, y: Any, seg: Any,
+                               output: str = "logits") -> DpSgd:
+    """The ghost-norm path (forced) against the one-patient-at-a-time reference, at a
+    clip that clips some patients and not others; returns the (default-path) DpSgd after
+    its checked first step."""
+    norms_ref, _ = _reference(executor, name, x, y, seg, 1.0)
+    clip = float(np.median(norms_ref))
+    norms_ref, sum_ref = _reference(executor, name, x, y, seg, clip * (1 - CLIP_MARGIN))
+    sgd = DpSgd(executor, name, output, clip, 1.0, tf.keras.optimizers.SGD(0.0),
+                path=ClipPath.GHOST)
+    summed, norms = sgd.clipped_sum(x, y, seg, int(seg.max()) + 1)
+    np.testing.assert_allclose(norms.numpy(), norms_ref, rtol=1e-5)
+    for got, want in zip(summed, sum_ref, strict=True):
+        assert got.dtype == tf.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6 * clip)
+    checked = DpSgd(executor, name, output, clip, 1.0, tf.keras.optimizers.SGD(0.0))
+    checked.private_step(x, y, seg, int(seg.max()) + 1, 5.0)  # the first-step check
+    return checked
+
+
+@pytest.mark.parametrize("graph", sorted(NEW_GRAPHS))
+def test_sequence_conv_and_normalisation_layers_take_the_ghost_path_and_equal_the_reference(
+        graph: str) -> None:
+    """3-D MatMul and its bias, the pair form, LayerNormalization, BatchNormalization,
+    Mul/Sub weights broadcast over positions, a weight read through a Transpose, 2-D and
+    1-D Conv with padding, stride and bias, a tied kernel: a wrong window layout, a
+    broadcast axis summed wrongly, a view not put back in the weight's order, or a tied
+    kernel clipped per use all fail."""
+    build, shape = NEW_GRAPHS[graph]
+    executor = OnnxExecutor.from_model(build())
+    x, y, seg = _float_batch(shape, 41)
+    sgd = _assert_equal_to_reference(executor, "x", x, y, seg)
+    assert sgd.path is ClipPath.GHOST and not sgd.fallback_reason
+
+
+def test_a_weight_read_directly_and_through_a_view_falls_back_and_stays_exact() -> None:
+    """Two reads of one weight on different tensors (w and its transpose): the ghost-norm
+    path does not sum them, so the run falls back (never clipped per read); forcing the
+    ghost path is refused."""
+    executor = OnnxExecutor.from_model(_direct_and_view_graph())
+    x, y, seg = _batch("dense", np.random.default_rng(42))
+    sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.0))
+    norms_ref, sum_ref = _reference(executor, "x", x, y, seg, 1 - CLIP_MARGIN)
+    summed, norms = sgd.clipped_sum(x, y, seg, 5)
+    assert sgd.path is ClipPath.PER_EXAMPLE and "Transpose" in sgd.fallback_reason
+    np.testing.assert_allclose(norms.numpy(), norms_ref, rtol=1e-5)
+    for got, want in zip(summed, sum_ref, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BadInput, match="ghost-norm"):
+        DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.0),
+              path=ClipPath.GHOST)
+
+
+def test_a_time_major_layer_is_refused_by_the_layout_probe() -> None:
+    """A MatMul over a (positions, stays, features) tensor: the probe sees a leading axis
+    that does not grow with the batch and the per-example path runs."""
+    executor = OnnxExecutor.from_model(_time_major_graph())
+    x, y, seg = _float_batch((3, 4), 43)
+    sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.0))
+    assert sgd.path is ClipPath.GHOST  # every read is of a known kind...
+    sgd.private_step(x, y, seg, 5, 5.0)
+    assert sgd.path is ClipPath.PER_EXAMPLE and "leading axis" in sgd.fallback_reason
+
+
+def test_a_scale_whose_factor_mixes_the_stays_is_caught_by_the_first_step_check() -> None:
+    """A Mul weight whose other factor is centred over the batch axis (a stay's loss
+    depends on the others): the layout is fine, the norms are wrong, the first step's
+    comparison with the per-example path catches it."""
+    rng = np.random.default_rng(44)
+    proto = _model([
+        helper.make_node("ReduceMean", ["x"], ["m"], name="norm/Mean", axes=[0]),
+        helper.make_node("Sub", ["x", "m"], ["c"], name="norm/Sub"),
+        helper.make_node("Mul", ["c", "gamma"], ["cg"], name="norm/Mul"),
+        helper.make_node("MatMul", ["cg", "w"], ["logits"], name="out/MatMul"),
+    ], [_init(rng, "gamma", 4), _init(rng, "w", 4, N_CLASSES)], TensorProto.FLOAT, ["n", 4])
+    executor = OnnxExecutor.from_model(proto)
+    sgd = DpSgd(executor, "x", "logits", 1.0, 1.0, tf.keras.optimizers.SGD(0.0))
+    x, y, seg = _batch("dense", np.random.default_rng(45))
+    sgd.private_step(x, y, seg, 5, 5.0)
+    assert sgd.path is ClipPath.PER_EXAMPLE and "differ" in sgd.fallback_reason
+
+
+# ------------------------------------------------------------ the vendors' models
+
+
+@pytest.mark.parametrize("name", ["keras-conv1d", "keras-transformer", "torch-conv",
+                                  "keras-bigru", "torch-lstm"])
+def test_vendor_models_clip_exactly_on_the_path_they_take(name: str) -> None:
+    """Each vendor architecture of tests/vendor_models.py: Conv1D (same, causal, dilated,
+    biases folded by tf2onnx), the transformer encoder (q/k/v/output projections through
+    Gemm and a reshaped kernel, LayerNormalization as Mul/Sub, the folded positional
+    embedding, the gelu feed-forward), the PyTorch Conv classifier: ghost-norm path,
+    norms and clipped sums equal to the one-patient-at-a-time reference. Recurrent
+    layers (GRU, LSTM) stay on the per-example path, and say so."""
+    from tests.vendor_models import vendor_model
+
+    model = vendor_model(name, n_train=11, n_heldout=1)
+    executor = OnnxExecutor.from_model(model.proto)
+    seg = np.asarray([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4], np.int32)
+    x, y = model.train_x, model.train_y
+    if name in ("keras-bigru", "torch-lstm"):
+        sgd = DpSgd(executor, model.input_name, "logits", 1.0, 1.0,
+                    tf.keras.optimizers.SGD(0.0))
+        assert sgd.path is ClipPath.PER_EXAMPLE
+        assert ("GRU" if "gru" in name else "LSTM") in sgd.fallback_reason
+        norms_ref, _ = _reference(executor, model.input_name, x, y, seg, 1.0)
+        _, norms = sgd.clipped_sum(x, y, seg, 5)
+        np.testing.assert_allclose(norms.numpy(), norms_ref, rtol=1e-5)
+        return
+    sgd = _assert_equal_to_reference(executor, model.input_name, x, y, seg)
+    assert sgd.path is ClipPath.GHOST and not sgd.fallback_reason
