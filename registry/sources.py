@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,19 +110,78 @@ def _load_keras(path: Path, custom: dict[str, Any]) -> Any:
                        ) from e
 
 
+# skops does not trust sklearn's Tree by default: it is rebuilt from arrays (no code of the
+# file runs), but scikit-learn indexes its node arrays without bounds checks, so a crafted
+# file could crash the process at the first prediction. Every tree ensemble holds Trees:
+# they are trusted here only after :func:`_check_trees` has bounds-checked every array.
+SKOPS_TRUSTED = ("sklearn.tree._tree.Tree",)
+
+
 def _load_skops(path: Path) -> Any:
     import skops.io
 
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = [t for t in skops.io.get_untrusted_types(file=path)
+                     if t not in SKOPS_TRUSTED]
     except Exception as e:  # not a skops file: zip or JSON errors
         raise BadInput(f"{path.name}: not a skops file: {e}") from e
     if untrusted:
         raise BadInput(f"{path.name}: holds types that are not trusted: {untrusted}")
     try:
-        return skops.io.load(path)
+        model = skops.io.load(path, trusted=list(SKOPS_TRUSTED))
     except Exception as e:
         raise BadInput(f"{path.name}: the skops model cannot be loaded: {e}") from e
+    _check_trees(model, path.name)
+    return model
+
+
+def _trees(obj: Any, depth: int = 0) -> Iterator[tuple[Any, int]]:
+    """(sklearn Tree, its estimator's n_features_in_) of every tree under ``obj``
+    (pipelines, forests, boosting)."""
+    if depth > 8:
+        return
+    if hasattr(obj, "tree_"):
+        yield obj.tree_, int(getattr(obj, "n_features_in_", -1))
+    for part in getattr(obj, "steps", ()):
+        yield from _trees(part[1], depth + 1)
+    estimators = getattr(obj, "estimators_", None)
+    if estimators is not None:
+        for est in np.asarray(estimators, dtype=object).ravel():
+            yield from _trees(est, depth + 1)
+
+
+def _check_trees(model: Any, what: str) -> None:
+    """Every node array of every tree in bounds (children after their parent, so no
+    cycle; features of split nodes below the estimator's input width), else BadInput."""
+    from sklearn.tree._tree import Tree
+
+    found = list(_trees(model))
+    if not found and _holds(model, Tree):
+        raise BadInput(f"{what}: holds a decision tree this check cannot reach: refused")
+    for tree, width in found:
+        n = int(tree.node_count)
+        left, right = np.asarray(tree.children_left), np.asarray(tree.children_right)
+        feature, ids = np.asarray(tree.feature), np.arange(n)
+        leaf = left == -1
+        ok = (n >= 1 and left.shape == right.shape == feature.shape == (n,)
+              and np.array_equal(leaf, right == -1)
+              and bool(np.all((left[~leaf] > ids[~leaf]) & (left[~leaf] < n)))
+              and bool(np.all((right[~leaf] > ids[~leaf]) & (right[~leaf] < n)))
+              and bool(np.all((feature[~leaf] >= 0) & (feature[~leaf] < max(width, 0))))
+              and np.asarray(tree.value).shape[0] == n
+              and bool(np.all(np.isfinite(np.asarray(tree.threshold)[~leaf]))))
+        if not ok:
+            raise BadInput(f"{what}: a decision tree's node arrays are out of bounds "
+                           "(a crafted or corrupt file): refused")
+
+
+def _holds(obj: Any, kind: type, depth: int = 0) -> bool:
+    if isinstance(obj, kind):
+        return True
+    if depth > 8 or not hasattr(obj, "__dict__"):
+        return False
+    return any(_holds(v, kind, depth + 1) for v in vars(obj).values()
+               if hasattr(v, "__dict__") or isinstance(v, kind))
 
 
 def load_onnx_source(path: Path) -> onnx.ModelProto:
