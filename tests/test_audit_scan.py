@@ -110,3 +110,36 @@ def test_a_tfidf_vocabulary_kept_in_onnx_string_attributes_is_scanned(tmp_path: 
     findings = scan_export_dir(tmp_path).findings
     assert any(f.file == "model.onnx" and f.kind is FindingKind.PERSON_NAME
                and "pool_strings" in f.where for f in findings), findings
+
+
+def test_standard_operator_names_are_not_read_as_first_names_but_custom_ones_are(
+        tmp_path: Path) -> None:
+    """``Max`` is both a first name and an ONNX operator: the standard's own operators
+    (a node's op_type, the card's operator list) are its vocabulary, not data, so they are
+    not findings; the same name as a custom-domain operator, a node name or a card entry
+    that no schema knows is scanned as any other string."""
+    from onnx import TensorProto, helper
+
+    def ship(op_type: str, domain: str, node_name: str, card_ops: list[str]) -> Path:
+        out = tmp_path / f"{op_type}-{domain or 'std'}-{node_name}"
+        out.mkdir()
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+        y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])
+        node = helper.make_node(op_type, ["x", "x"], ["logits"], name=node_name,
+                                domain=domain)
+        opsets = [helper.make_opsetid("", 17)] + (
+            [helper.make_opsetid(domain, 1)] if domain else [])
+        model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                                  opset_imports=opsets)
+        onnx.save(model, str(out / "model.onnx"))
+        (out / "vocabulary.json").write_text(json.dumps({"tokens": ["<pad>", "<oov>"]}))
+        (out / "model_card.json").write_text(json.dumps({"onnx": {"operators": card_ops}}))
+        return out
+
+    clean = scan_export_dir(ship("Max", "", "node0", ["Max", "ai.onnx:Max"]))
+    assert clean.findings == ()
+    custom = scan_export_dir(ship("Max", "com.vendor", "node0", []))
+    assert [f.where for f in custom.findings] == ["graph.node[0].op_type"]
+    named = scan_export_dir(ship("Max", "", "Max", ["Marie", "com.vendor:Max"]))
+    assert sorted(f.where for f in named.findings) == [
+        "$.onnx.operators[0]", "$.onnx.operators[1]", "graph.node[0].name"]

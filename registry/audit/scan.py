@@ -24,6 +24,7 @@ characters and a length), so the report does not spread what it found.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -100,7 +101,9 @@ def scan_export_dir(
             doc = _read_json(path)
             if name == "vocabulary.json" and isinstance(doc, dict):
                 doc = {k: v for k, v in doc.items() if k != "tokens"}  # read above
-            strings = list(_json_strings(doc))
+            strings = [(w, t) for w, t in _json_strings(doc)
+                       if not (name == "model_card.json" and _CARD_OPERATOR.match(w)
+                               and _card_operator(t))]
             findings += _scan_strings(name, strings)
             findings += [f for where, t in strings if where.endswith("(key)")
                          and (f := _token_finding(name, where, t)) is not None
@@ -112,6 +115,23 @@ def scan_export_dir(
             scanned[name] = 1
     return ScanReport(findings=tuple(findings), scanned=scanned,
                       min_patients=min_patients if patients_per_token is not None else None)
+
+
+_CARD_OPERATOR = re.compile(r"^\$\.onnx\.operators\[\d+\]$")
+
+
+def standard_operator(op_type: str, domain: str = "") -> bool:
+    """Whether ``op_type`` is an operator of ONNX's own schemas (ai.onnx, ai.onnx.ml): a
+    name like ``Max`` is the standard's vocabulary, not data about a person, so the scan
+    does not read it as a first name. Anything else is scanned."""
+    domain = "" if domain in ("", "ai.onnx") else domain
+    return domain in ("", "ai.onnx.ml") and bool(onnx.defs.has(op_type, domain))
+
+
+def _card_operator(entry: str) -> bool:
+    """A model card's operator entry (``Max`` or ``ai.onnx.ml:Scaler``) of a standard op."""
+    domain, _, op_type = entry.rpartition(":")
+    return standard_operator(op_type, domain)
 
 
 def _token_finding(file: str, where: str, token: str) -> ScanFinding | None:
@@ -197,7 +217,9 @@ def _tensor_strings(tensor: onnx.TensorProto, where: str, texts: list[tuple[str,
 def _node_strings(node: onnx.NodeProto, where: str, texts: list[tuple[str, str]],
                   tokens: list[tuple[str, str]]) -> None:
     texts += [(f"{where}.name", node.name), (f"{where}.doc_string", node.doc_string),
-              (f"{where}.domain", node.domain), (f"{where}.op_type", node.op_type)]
+              (f"{where}.domain", node.domain)]
+    if not standard_operator(node.op_type, node.domain):  # else a schema's name, not data
+        texts.append((f"{where}.op_type", node.op_type))
     tokens.append((f"{where}.domain", node.domain))
     texts += [(f"{where}.input[{i}]", n) for i, n in enumerate(node.input)]
     texts += [(f"{where}.output[{i}]", n) for i, n in enumerate(node.output)]
