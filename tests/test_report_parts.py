@@ -119,3 +119,19 @@ def test_french_pages_write_a_decimal_comma_and_keep_the_rounding_direction() ->
             ("2,996", "4,334", "0,0000124")
         assert up(3) == "3"
     assert up(2.9953155) == "2.996"  # only inside the French page
+
+
+def test_the_dossier_names_the_recipe_the_audit_recorded_in_both_languages() -> None:
+    from transfer.evidence_html import recipe_text
+
+    doc = {"recipe": {"name": "tests.vendor_recipes:keras_conv1d", "kind": "module",
+                      "digest": "sha256:0123456789abcdef0123"}}
+    en, fr = recipe_text(doc, "en", "patient"), recipe_text(doc, "fr", "patient")
+    assert en.startswith("the vendor's recipe (Python module): tests.vendor_recipes:keras_conv1d")
+    assert "sha256:0123456789a" in en and en.endswith("by patient")
+    assert fr.startswith("la recette du fournisseur (module Python) : tests.vendor_recipes")
+    reinit = recipe_text({"recipe": {"name": "onnx-reinit", "kind": "onnx-reinit",
+                                     "digest": "sha256:ab"}}, "fr", "patient")
+    assert reinit.startswith("copies réinitialisées de l'ONNX livré")
+    # an audit from before recipes were recorded keeps the generic wording
+    assert recipe_text({}, "en", "patient").startswith("the model's own training recipe")

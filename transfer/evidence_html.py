@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transfer.evidence import AuditEvidence, Budget, DpRun
-from transfer.i18n import Lang, down, text, up, up_significant, when
+from transfer.i18n import STRINGS, Lang, down, text, up, up_significant, when
 from transfer.records import Record
 from transfer.report_html import code, dl, e, rec_link, table, verdict
 
@@ -138,7 +138,7 @@ def audit_html(ev: AuditEvidence | None, lang: Lang,
         unit = str(doc.get("privacy_unit", "patient"))
         pairs += [(text(lang, "membership_question"), e(doc.get("membership_question"))),
                   (text(lang, "reference_models"), e(doc.get("reference_models"))),
-                  (text(lang, "recipe"), e(text(lang, "recipe_value", unit=unit))),
+                  (text(lang, "recipe"), e(recipe_text(doc, lang, unit))),
                   (text(lang, "canaries"), canary_html(doc, lang)),
                   (text(lang, "scan"), scan_html(doc, lang))]
     body = dl(pairs)
@@ -148,6 +148,18 @@ def audit_html(ev: AuditEvidence | None, lang: Lang,
     plot = (f'<img class="roc" alt="ROC {e(ev.ref)}" src="{ev.roc}">' if ev.roc else
             f"<p class='sub'>{e(text(lang, 'roc_missing'))}</p>" if ev.record else "")
     return f"<div class='flex'><div>{body}</div><div>{plot}</div></div>"
+
+
+def recipe_text(doc: Mapping[str, Any], lang: Lang, unit: str) -> str:
+    """Which recipe trained the reference models, as the audit recorded it (an audit
+    from before recipes were recorded: the generic wording)."""
+    recipe = doc.get("recipe")
+    if not isinstance(recipe, Mapping) or "kind" not in recipe:
+        return text(lang, "recipe_value", unit=unit)
+    kind = str(recipe["kind"])
+    label = text(lang, f"recipe_kind_{kind}") if f"recipe_kind_{kind}" in STRINGS else kind
+    return text(lang, "recipe_named", kind=label, name=recipe.get("name", "?"),
+                digest=str(recipe.get("digest", ""))[:19], unit=unit)
 
 
 def _overrides(overrides: Sequence[Record], lang: Lang) -> str:

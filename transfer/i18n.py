@@ -209,6 +209,25 @@ STRINGS: dict[str, dict[Lang, str]] = {
                            "pool, by {unit}",
                      "fr": "la recette d'entraînement du modèle sur des moitiés aléatoires "
                            "du jeu d'audit, par {unit}"},
+    "recipe_named": {"en": "{kind}: {name} ({digest}), on random halves of the audit pool, "
+                           "by {unit}",
+                     "fr": "{kind} : {name} ({digest}), sur des moitiés aléatoires du jeu "
+                           "d'audit, par {unit}"},
+    "recipe_kind_builtin": {"en": "Passerelle's built-in coder",
+                            "fr": "le codeur intégré de Passerelle"},
+    "recipe_kind_entry-point": {"en": "the vendor's recipe (entry point)",
+                                "fr": "la recette du fournisseur (point d'entrée)"},
+    "recipe_kind_module": {"en": "the vendor's recipe (Python module)",
+                           "fr": "la recette du fournisseur (module Python)"},
+    "recipe_kind_onnx-reinit": {"en": "re-initialised copies of the shipped ONNX, retrained "
+                                      "by Passerelle",
+                                "fr": "copies réinitialisées de l'ONNX livré, réentraînées "
+                                      "par Passerelle"},
+    "recipe_kind_vendor-references": {"en": "reference models the vendor trained on halves "
+                                            "Passerelle drew",
+                                      "fr": "modèles de référence entraînés par le "
+                                            "fournisseur sur des moitiés tirées par "
+                                            "Passerelle"},
     "membership_question": {"en": "membership question", "fr": "question d'appartenance"},
     "canaries": {"en": "canary exposure", "fr": "exposition des canaris"},
     "no_canaries": {"en": "no canary in the training split ({held} held out)",
