@@ -105,7 +105,32 @@ class Override:
                 raise BadInput(f"override {name} must be one non-empty line")
 
 
-def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
+@dataclass(frozen=True)
+class Registered:
+    """Steps 1-3 of :func:`shippable`: the version, its checked model directory, its ONNX
+    bytes and their parity with the registered reference."""
+
+    info: VersionInfo
+    model_dir: ModelDir
+    model_bytes: bytes
+    parity: Parity
+
+
+def registered_model(store: ModelStore, ref: VersionRef, workdir: Path) -> Registered:
+    """Steps 1-3 of :func:`shippable`, which change nothing in the registry (the audit
+    checks its inputs against the model directory before anything is logged)."""
+    info = store.get(ref)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = fetch_model_dir(store, info, workdir / "source")                   # (1)
+    model_bytes = (model_dir.path / ONNX_FILE).read_bytes()
+    if sha256_bytes(model_bytes) != model_dir.metadata.onnx_digest:                 # (2)
+        raise ModelDirError(f"{ref}: model.onnx does not match the registered onnx_digest")
+    parity = registered_parity(ref, model_dir, model_bytes)                         # (3)
+    return Registered(info, model_dir, model_bytes, parity)
+
+
+def shippable(store: ModelStore, ref: VersionRef, workdir: Path,
+              registered: Registered | None = None) -> OnnxExport:
     """The one path from a registered version to its shippable ONNX directory.
 
     1. the version's model directory: its digest is the one recorded at registration
@@ -119,15 +144,11 @@ def shippable(store: ModelStore, ref: VersionRef, workdir: Path) -> OnnxExport:
        used only if its model.onnx, vocabulary and labels are byte for byte the model
        directory's: bytes written into the registry by hand are refused.
 
-    No source framework is loaded: the conversion happened once, at registration."""
-    info = store.get(ref)
-    workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = fetch_model_dir(store, info, workdir / "source")                   # (1)
-    model_bytes = (model_dir.path / ONNX_FILE).read_bytes()
+    No source framework is loaded: the conversion happened once, at registration.
+    ``registered``: steps 1-3 already done by :func:`registered_model` (not repeated)."""
+    r = registered if registered is not None else registered_model(store, ref, workdir)
+    info, model_dir, model_bytes, parity = r.info, r.model_dir, r.model_bytes, r.parity
     onnx_digest = sha256_bytes(model_bytes)
-    if onnx_digest != model_dir.metadata.onnx_digest:                               # (2)
-        raise ModelDirError(f"{ref}: model.onnx does not match the registered onnx_digest")
-    parity = registered_parity(ref, model_dir, model_bytes)                         # (3)
     logged = info.tags.get(TAG + "onnx_digest")                                     # (4)
     if logged is None:
         return replace(_ship(store, info, model_dir, model_bytes, parity, workdir / "ship"),

@@ -33,6 +33,7 @@ from passerelle import steps
 from passerelle.cli import main
 from passerelle.corpus import label_table, read_corpus
 from passerelle.recipes import TrainingSet
+from registry.audit.policy import load_policy
 from registry.coder import Examples, split_by_patient
 from registry.vocabulary import VocabularyConfig, build_vocabulary, select_text
 from tests import vendor_models as vm
@@ -40,7 +41,7 @@ from tests import vendor_recipes
 from tests.audit_support import sealed, small_policy
 from transfer.identity import init_site
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("byom_matrix")]
 
 HELDOUT = {"fraction": 0.25, "seed": 0}
 STEPS = 40  # the vendors' declared training steps (batches of 32)
@@ -103,6 +104,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                      str(root / f"{name}.id")]) == 0
         assert main(["trust", "add", str(root / f"{name}.id"), "--home", str(home)]) == 0
     steps.generate_corpus("X", 600, 42, 0, root / "y")  # X's case mix, so X's codes occur
+    # X pins the suite's small audit policy (4 reference models), as a site would its own
+    policy = small_policy(root / "policy.toml")
+    assert main(["site", "policy", "set", "audit.policy_sha256", load_policy(policy).digest,
+                 "--approver", "DPO CHU-X", "--justification", "test-size audits",
+                 "--home", str(home_x)]) == 0
     yield World(root, root / "x", train, vendor, training, vocab.bag_of_words(
         list(kept_texts)), home_x, home_y, root / "y")
     _print_matrix()
@@ -230,13 +236,13 @@ def _story(world: World, kind: Kind, source: str, tmp: Path,
     ref = f"{kind.name}/{doc['version']}"
     row["register"] = "pass"
 
-    policy = small_policy(tmp / "policy.toml")
     code, report, err = _run(capsys, "model", "audit", ref, "--members", str(world.train),
-                             "--nonmembers", str(world.corpus), "--policy", str(policy),
+                             "--nonmembers", str(world.corpus), "--policy",
+                             str(world.root / "policy.toml"),
                              "--out", str(tmp / "audit"), "--home", hx)
     assert code in (0, 1), err
     assert report["recipe"]["kind"] == kind.audit_recipe_kind
-    assert report["reference_models"] == 4
+    assert report["reference_models"] == 4 and report["policy"]["pinned"]
     verdict = report["verdict"]
     failed = [c["name"] for c in report["criteria"] if not c["passed"]]
     row["audit"] = f"{verdict} ({report['recipe']['kind']}" + (

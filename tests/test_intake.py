@@ -36,7 +36,7 @@ from tests.cli_contract_support import ledger_rows, snapshot
 from tests.conftest import OVERRIDE_ARGS
 from transfer.identity import init_site
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("intake")]
 
 HELDOUT: dict[str, Any] = {"fraction": 0.25, "seed": 0}
 

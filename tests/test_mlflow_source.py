@@ -18,6 +18,8 @@ import pytest
 from passerelle.errors import BadInput
 from registry.mlflow_source import ResolvedSource, resolve_mlflow_source
 
+pytestmark = pytest.mark.xdist_group("mlflow_server")  # with test_postgres.py: one server
+
 X = np.random.default_rng(0).normal(size=(24, 4)).astype(np.float32)
 Y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0.5).astype(np.int64)  # 3 classes
 REQS = ["mlflow"]  # given, so MLflow does not spend ~15 s per model inferring requirements

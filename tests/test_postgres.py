@@ -13,7 +13,7 @@ from passerelle import steps
 from passerelle.cli import main
 from tests.conftest import OVERRIDE_ARGS
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]
 
 
 def test_register_and_export_through_an_mlflow_server_on_postgres(

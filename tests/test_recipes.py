@@ -31,6 +31,8 @@ from tests.audit_support import sealed, small_policy
 from transfer.ledger_site import open_ledger
 from transfer.records import RecordKind
 
+pytestmark = pytest.mark.xdist_group("recipes")  # one worker builds the module's fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 CONV1D = "tests.vendor_recipes:keras_conv1d"
 

@@ -86,6 +86,9 @@ def _randomise(model: Any, seed: int, scale: float = 0.3) -> None:
 def _keras() -> Any:
     import tensorflow as tf
 
+    # Keras names unnamed layers (tf.__operators__.add, forward_gru) with a per-process
+    # counter: a fresh session keeps the names the same whatever was built before
+    tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(0)
     return tf.keras
 

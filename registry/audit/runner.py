@@ -80,7 +80,7 @@ from registry.audit.reserve import Reserve, open_reserve
 from registry.audit.scan import ScanReport, scan_export_dir
 from registry.audit.scoring import OnnxScorer, true_label_probability
 from registry.coder import N_PARITY_INPUTS, CoderConfig, Examples, split_by_patient
-from registry.export import OnnxExport, shippable
+from registry.export import Registered, registered_model, shippable
 from registry.intake import encode_stays
 from registry.model_dir import MANIFEST, PARITY_INPUTS, VOCABULARY, ModelDir
 from registry.store import TAG, ModelStore, VersionRef
@@ -228,7 +228,7 @@ class _Pool:
     """The audit's inputs, checked: the model directory, the split, the pool."""
 
     model_dir: ModelDir
-    export: OnnxExport  # the shippable directory, checked against model_dir (once)
+    registered: Registered  # the version's model directory and ONNX, checked once
     config: CoderConfig | None  # the built-in coder's config (None: a vendor's model)
     split_seed: int  # the declared split's seed (the reference models' base seed)
     members_corpus: Corpus
@@ -253,9 +253,8 @@ def _prepare(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: 
     members_corpus = read_corpus(members_dir)
     if {s.patient_id for s in members_corpus.stays} & reserve.patients:
         raise BadInput(f"{members_dir} holds patients of the sealed reserve")
-    export = shippable(store, ref, workdir / "onnx")  # the one visit of the model dir
-    assert export.model_dir is not None  # noqa: S101 - shippable always sets it
-    model_dir = export.model_dir
+    registered = registered_model(store, ref, workdir / "onnx")  # the one visit of it
+    model_dir = registered.model_dir
     config, heldout = declared_split(ref, model_dir)
     everything = _examples(members_corpus)
     if heldout is None:  # declared trained on all of the corpus: no held-out patients
@@ -274,7 +273,7 @@ def _prepare(store: ModelStore, ref: VersionRef, members_dir: Path, sealed_dir: 
                        f"score (after the population share), below the policy's minimum "
                        f"{policy.reserve.min_patients}: seal a larger fraction")
     pool = _concat(members, reserve_ex, held)
-    return _Pool(model_dir, export, config, 0 if heldout is None else heldout[1],
+    return _Pool(model_dir, registered, config, 0 if heldout is None else heldout[1],
                  members_corpus,
                  reserve, members, held, reserve_ex, population, pool, member_stays)
 
@@ -319,7 +318,7 @@ def audit_version(
     halves = None if reference_dir is None else _recorded_halves(store, ref, reference_dir,
                                                                  count, seed)
 
-    export = p.export
+    export = shippable(store, ref, workdir / "onnx", p.registered)  # (4) only, no re-check
     pool = p.pool
     is_member = np.array([True] * len(members) + [False] * len(nonmembers))
     target = OnnxScorer(export.directory)
