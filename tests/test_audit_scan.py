@@ -115,13 +115,14 @@ def test_a_tfidf_vocabulary_kept_in_onnx_string_attributes_is_scanned(tmp_path: 
 def test_standard_operator_names_are_not_read_as_first_names_but_custom_ones_are(
         tmp_path: Path) -> None:
     """``Max`` is both a first name and an ONNX operator: the standard's own operators
-    (a node's op_type, the card's operator list) are its vocabulary, not data, so they are
-    not findings; the same name as a custom-domain operator, a node name or a card entry
-    that no schema knows is scanned as any other string."""
+    (a node's op_type, the card's operator list, the op's name inside a node name as
+    tf2onnx writes it) are its vocabulary, not data, so they are not findings; a
+    custom-domain operator, a card entry no schema knows and a last name beside it in a
+    node name are scanned as any other string."""
     from onnx import TensorProto, helper
 
     def ship(op_type: str, domain: str, node_name: str, card_ops: list[str]) -> Path:
-        out = tmp_path / f"{op_type}-{domain or 'std'}-{node_name}"
+        out = tmp_path / f"{op_type}-{domain or 'std'}-{node_name.replace('/', '_')}"
         out.mkdir()
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
         y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])
@@ -140,6 +141,11 @@ def test_standard_operator_names_are_not_read_as_first_names_but_custom_ones_are
     assert clean.findings == ()
     custom = scan_export_dir(ship("Max", "com.vendor", "node0", []))
     assert [f.where for f in custom.findings] == ["graph.node[0].op_type"]
-    named = scan_export_dir(ship("Max", "", "Max", ["Marie", "com.vendor:Max"]))
+    # tf2onnx names nodes after their op: that part of a node name is not a person
+    exporter = scan_export_dir(ship("Max", "", "model/global_max/Max", []))
+    assert exporter.findings == ()
+    named = scan_export_dir(ship("Max", "", "Max Dupont", ["Marie", "com.vendor:Max"]))
     assert sorted(f.where for f in named.findings) == [
         "$.onnx.operators[0]", "$.onnx.operators[1]", "graph.node[0].name"]
+    assert [f.redacted for f in named.findings if f.where.startswith("graph")] == [
+        "Du…(6 chars)"]

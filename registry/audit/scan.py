@@ -93,7 +93,7 @@ def scan_export_dir(
         name = str(path.relative_to(directory))
         if path.suffix == ".onnx":
             texts, token_like = _onnx_strings(path)
-            findings += _scan_strings(name, texts)
+            findings += _scan_strings(name, texts, exporter_names=True)
             findings += [f for where, t in token_like
                          if (f := _token_finding(name, where, t)) is not None]
             scanned[name] = len(texts) + len(token_like)
@@ -128,6 +128,18 @@ def standard_operator(op_type: str, domain: str = "") -> bool:
     return domain in ("", "ai.onnx.ml") and bool(onnx.defs.has(op_type, domain))
 
 
+_STRUCTURAL = re.compile(r"\.(name|input\[\d+\]|output\[\d+\])$")
+
+
+def _exporter_op_name(where: str, kind: str, value: str) -> bool:
+    """A first name that is an ONNX operator's name inside a node, edge or tensor name
+    (tf2onnx names nodes after their op: ``model/global_max/Max``): the exporter's
+    naming, not a person. Only in those names, only a whole standard operator name
+    (``Max``, ``Min``); doc strings, metadata and every other kind of finding are kept."""
+    return (kind == FindingKind.PERSON_NAME.value and _STRUCTURAL.search(where) is not None
+            and standard_operator(value.strip()))
+
+
 def _card_operator(entry: str) -> bool:
     """A model card's operator entry (``Max`` or ``ai.onnx.ml:Scaler``) of a standard op."""
     domain, _, op_type = entry.rpartition(":")
@@ -141,10 +153,13 @@ def _token_finding(file: str, where: str, token: str) -> ScanFinding | None:
     return ScanFinding(FindingKind(kind.value), file, where, redact(token))
 
 
-def _scan_strings(file: str, strings: Iterable[tuple[str, str]]) -> list[ScanFinding]:
+def _scan_strings(file: str, strings: Iterable[tuple[str, str]],
+                  exporter_names: bool = False) -> list[ScanFinding]:
     out = []
     for where, text in strings:
         for hit in find_identifiers(text):
+            if exporter_names and _exporter_op_name(where, hit.kind.value, hit.value):
+                continue
             out.append(ScanFinding(FindingKind(hit.kind.value), file, where, redact(hit.value)))
     return out
 
