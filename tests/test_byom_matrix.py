@@ -176,14 +176,20 @@ def _mlflow(world: World) -> str:
 
     model = vendor_recipes.keras_conv1d(world.training)
     uri = f"sqlite:///{world.root / 'vendor-mlflow.db'}"
+    # both URIs: a registry URI another test left set would get the registration
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         mlflow.set_experiment("vendor")
         with mlflow.start_run():
             mlflow.tensorflow.log_model(model, name="model", registered_model_name="conv",
                                         pip_requirements=[])
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri, registry_uri=uri).get_registered_model("conv")
     return uri
 
 
