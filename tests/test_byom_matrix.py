@@ -179,9 +179,10 @@ def _mlflow(world: World) -> str:
     # both URIs: a registry URI another test left set would get the registration
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    try:
-        mlflow.set_experiment("vendor")
-        with mlflow.start_run():
+    try:  # its artifacts under the test's folder (a SQLite store's default is ./mlruns)
+        experiment = mlflow.create_experiment(
+            "vendor", artifact_location=(world.root / "vendor-artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
             mlflow.tensorflow.log_model(model, name="model", registered_model_name="conv",
                                         pip_requirements=[])
     finally:
