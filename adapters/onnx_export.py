@@ -65,7 +65,7 @@ def keras_to_onnx(model: Any, max_len: int, dtype: str = "int32") -> onnx.ModelP
     outputs = [o.name for o in proto.graph.output]
     if len(outputs) != 1:
         raise ConversionError(f"expected one output, the converter produced {outputs}")
-    _rename_output(proto, outputs[0], "logits")
+    rename_output(proto, outputs[0], "logits")
     return _stamp(proto)
 
 
@@ -209,7 +209,7 @@ def _estimator_to_onnx(estimator: Any, n_features: int, input_name: str) -> onnx
     if kind == "decision":
         if n_classes == 2:
             scores = _two_class_scores(proto, scores)
-        _rename_output(proto, scores, OUTPUT)
+        rename_output(proto, scores, OUTPUT)
         _set_single_output(proto, n_classes)
     elif kind == "mlp":
         _mlp_log_softmax(proto, n_classes)
@@ -366,7 +366,8 @@ def _rename_input(proto: onnx.ModelProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _rename_output(proto: onnx.ModelProto, old: str, new: str) -> None:
+def rename_output(proto: onnx.ModelProto, old: str, new: str) -> None:
+    """Rename the graph output ``old`` (and every edge that reads it) to ``new``."""
     if old == new:
         return
     for node in proto.graph.node:

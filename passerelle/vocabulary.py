@@ -3,18 +3,7 @@
 Both sites encode alike from this module (the source site builds the vocabulary with
 :func:`registry.vocabulary.build_vocabulary`; the receiving site only loads and encodes).
 
-The vocabulary ships beside the weights, so it is part of what may leak. Its defaults
-are privacy-conscious:
-
-* a token enters only if it appears in the stays of at least ``min_patients`` distinct
-  patients (a rare token is as good as a name);
-* identifier-shaped tokens (long digit runs, years, e-mails, known first and last
-  names: :func:`registry.identifiers.identifier_kind_of_token`) are dropped;
-* the document header, which carries the patient's identifiers, is not read at all.
-
-Each default can be turned off (``min_patients=1``, ``drop_identifiers=False``,
-``sections`` including ``header``) to build the deliberately leaky model the
-memorisation audit must catch. What was dropped is counted, never listed.
+How the vocabulary is built, and its privacy-conscious defaults: registry.vocabulary.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from adapters.onnx_export import rename_output
 from passerelle.errors import BadInput, ConversionError
 from registry.model_dir import Framework
 
@@ -297,12 +298,7 @@ def _rename_output(proto: onnx.ModelProto, old: str, new: str) -> None:
             any(t.name == new for t in proto.graph.initializer):
         raise ConversionError(f"the model already has a tensor named {new!r} that is not "
                               "its output")
-    for node in proto.graph.node:
-        node.output[:] = [new if o == old else o for o in node.output]
-        node.input[:] = [new if i == old else i for i in node.input]
-    for out in proto.graph.output:
-        if out.name == old:
-            out.name = new
+    rename_output(proto, old, new)
 
 
 def _append_log(proto: onnx.ModelProto) -> None:
