@@ -56,7 +56,8 @@ def main() -> int:
     parser.add_argument("--venv", type=Path, default=Path("/tmp/passerelle-prv-venv"),  # noqa: S108
                         help="virtual environment for prv-accountant (default "
                         "/tmp/passerelle-prv-venv)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here (default: none)")
     args = parser.parse_args()
     python = ensure_venv(args.venv)
     done = subprocess.run([str(python), "-c", _SNIPPET, json.dumps(SETTINGS)],

@@ -36,13 +36,18 @@ from transfer.identity import init_site
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stays", type=int, default=20000)
-    parser.add_argument("--canaries", type=int, default=10)
+    parser.add_argument("--stays", type=int, default=20000,
+                        help="stays of X's corpus (default 20000, as the demo)")
+    parser.add_argument("--canaries", type=int, default=10,
+                        help="canaries planted in the corpus (default 10)")
     parser.add_argument("--reference-models", type=int, default=None,
                         help="raise the default policy's number (8); default: 8")
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=2026,
+                        help="corpus and training seed (default 2026)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="work folder, kept (default: a new temporary folder)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here (default: none)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -254,9 +254,13 @@ def report(rows: list[dict[str, Any]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100], metavar="MIB")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100], metavar="MIB",
+                        help="payload sizes to bundle, in MiB (default 100)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="folder in which each size's work folder is made and removed "
+                             "(default: the system's temporary folder)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write results here (default: none)")
     parser.add_argument("--child", nargs=2, metavar=("STEP", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--floor", nargs=2, metavar=("KIND", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()

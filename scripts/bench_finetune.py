@@ -120,14 +120,23 @@ def timed(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--x-stays", type=int, default=20000)
-    parser.add_argument("--y-stays", type=int, default=6000)
-    parser.add_argument("--epsilon", type=float, default=3.0)
-    parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--scratch-learning-rate", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--x-stays", type=int, default=20000,
+                        help="stays of X's corpus (default 20000)")
+    parser.add_argument("--y-stays", type=int, default=6000,
+                        help="stays of Y's corpus (default 6000)")
+    parser.add_argument("--epsilon", type=float, default=3.0,
+                        help="target epsilon, patient level (default 3.0)")
+    parser.add_argument("--delta", type=float, default=1e-5,
+                        help="delta (default 1e-5)")
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="fine-tuning epochs of the utility comparison (default 10)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="expected stays per step (default 64)")
+    parser.add_argument("--scratch-learning-rate", type=float, default=1e-2,
+                        help="learning rate of the model trained from scratch at Y "
+                             "(default 0.01)")
+    parser.add_argument("--seed", type=int, default=7,
+                        help="corpus and training seed (default 7)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="alternated plain/DP epochs per layer set (default 5)")
     parser.add_argument("--cost-only", action="store_true",
@@ -136,17 +145,24 @@ def main() -> int:
                         choices=["keras-conv1d", "keras-transformer"],
                         help="measure only the cost of these vendor architectures "
                              "(default: none; the coder's benchmark runs)")
-    parser.add_argument("--vendor-stays", type=int, default=4096)
-    parser.add_argument("--vendor-tokens", type=int, default=256)
-    parser.add_argument("--vendor-vocab", type=int, default=5000)
-    parser.add_argument("--vendor-embed", type=int, default=64)
-    parser.add_argument("--vendor-classes", type=int, default=50)
+    parser.add_argument("--vendor-stays", type=int, default=4096,
+                        help="synthetic stays per vendor epoch (default 4096)")
+    parser.add_argument("--vendor-tokens", type=int, default=256,
+                        help="tokens per stay (default 256)")
+    parser.add_argument("--vendor-vocab", type=int, default=5000,
+                        help="vocabulary size (default 5000)")
+    parser.add_argument("--vendor-embed", type=int, default=64,
+                        help="embedding width (default 64)")
+    parser.add_argument("--vendor-classes", type=int, default=50,
+                        help="output codes (default 50)")
     parser.add_argument("--vendor-batch", type=int, default=256,
                         help="expected stays per step (default 256)")
     parser.add_argument("--vendor-per-example", action="store_true",
                         help="also time one epoch on the per-example path (slow)")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="work folder (default: a new temporary folder)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here (default: none)")
     args = parser.parse_args()
     if args.vendor:
         vendors = {"vendor_cost": vendor_cost(args)}

@@ -162,13 +162,16 @@ def bench_serve(home: Path, ref: str, stays: list[dict[str, Any]], requests: int
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stays-x", type=int, default=6000)
-    p.add_argument("--stays-y", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--stays-x", type=int, default=6000, help="stays of X's corpus (default 6000)")
+    p.add_argument("--stays-y", type=int, default=2000, help="stays of Y's corpus (default 2000)")
+    p.add_argument("--batch", type=int, default=256, help="stays per batch (default 256)")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="timed repetitions of each batch measurement (default 30)")
+    p.add_argument("--requests", type=int, default=500,
+                   help="single-stay HTTP requests to serve (default 500)")
+    p.add_argument("--workdir", type=Path,
+                   help="work folder (default: a new temporary folder)")
+    p.add_argument("--json", type=Path, help="also write the results here (default: none)")
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-predict-"))
     work.mkdir(parents=True, exist_ok=True)

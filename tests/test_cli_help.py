@@ -6,6 +6,7 @@ command is covered without a new test."""
 from __future__ import annotations
 
 import argparse
+import ast
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +91,27 @@ def test_the_exit_codes_are_in_the_help_and_the_readme(
         assert f"\n  {code} " in out
         assert f"| {code} |" in readme, f"exit code {code} is not in README's table"
     assert "--force" in EXIT_CODES and "--force" in readme
+
+
+def _script_options(path: Path) -> Iterator[tuple[int, str, dict[str, ast.expr]]]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr == "add_argument" and node.args and \
+                isinstance(node.args[0], ast.Constant):
+            yield node.lineno, str(node.args[0].value), {k.arg: k.value for k in node.keywords
+                                                         if k.arg is not None}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_every_option_of_a_script_has_a_help_line_with_its_default(script: str) -> None:
+    """The benchmark and evidence scripts are read the same way (their source is read,
+    not run: some of them import TensorFlow)."""
+    bad = []
+    for line, name, kw in _script_options(ROOT / "scripts" / script):
+        text = ast.unparse(kw["help"]) if "help" in kw else ""
+        if text == "argparse.SUPPRESS":
+            continue
+        flag = "action" in kw or not name.startswith("-")
+        if not text or not (flag or kw.get("required") or "default" in text):
+            bad.append(f"line {line}: {name}")
+    assert not bad, bad
