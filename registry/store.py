@@ -252,7 +252,8 @@ class ModelStore:
         except MlflowException as e:
             if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return
-            raise RegistryError(f"model registry at {self.display_uri}: {e.message}") from e
+            raise RegistryError(f"model registry at {self.display_uri}: "
+                                f"{_redact(str(e.message))}") from e
         tags = dict(model.tags)
         if tags.get(TAG + "received_from") != sender or \
                 tags.get(TAG + "source_model") != source_model:
@@ -407,7 +408,8 @@ class ModelStore:
         except MlflowException as e:
             if e.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
                 raise ModelNotFound(f"no registered model version {ref}") from e
-            raise RegistryError(f"model registry at {self.display_uri}: {e.message}") from e
+            raise RegistryError(f"model registry at {self.display_uri}: "
+                                f"{_redact(str(e.message))}") from e
         return VersionInfo(ref=ref, run_id=str(mv.run_id), source=str(mv.source),
                            tags=dict(mv.tags))
 
@@ -526,5 +528,14 @@ def _store_errors(uri: str, passthrough: tuple[type[BaseException], ...] = ()) -
 
 def _redact(uri: str) -> str:
     """Drop a password from a URI, or from a message that quotes one (MLflow's own errors
-    quote the whole tracking URL), before it is printed."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+    quote the whole tracking URL), before it is printed: the password of ``user:password@``
+    and the value of a ``password``, ``passwd``, ``pwd``, ``token``, ``secret``,
+    ``api_key``, ``access_key`` or ``auth_token`` query parameter (PostgreSQL and
+    SQLAlchemy URIs take a password there)."""
+    uri = re.sub(r"//([^:/@\s]+):[^@\s]*@", r"//\1:***@", uri)
+    return _SECRET_PARAM.sub(r"\1***", uri)
+
+
+_SECRET_PARAM = re.compile(
+    r"([?&;](?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|"
+    r"auth[_-]?token)=)[^&;#\s]*", re.IGNORECASE)

@@ -114,3 +114,19 @@ def test_a_password_that_mlflow_quotes_in_its_own_error_is_redacted() -> None:
         raise MlflowException(f"API request to {uri}/api/2.0/mlflow/runs/get failed")
     assert "s3cret" not in str(caught.value)
     assert "vendor:***@127.0.0.1:9/api" in str(caught.value)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("postgresql://mlflow@db/mlflow?password=s3cret&sslmode=require",
+     "postgresql://mlflow@db/mlflow?password=***&sslmode=require"),
+    ("postgresql://mlflow@db/mlflow?sslmode=require&PASSWORD=s3cret",
+     "postgresql://mlflow@db/mlflow?sslmode=require&PASSWORD=***"),
+    ("http://vendor:s3cret@host:5000/?token=s3cret", "http://vendor:***@host:5000/?token=***"),
+    ("https://host/api?api_key=s3cret;x=1", "https://host/api?api_key=***;x=1"),
+    ("sqlite:///home/mlflow.db", "sqlite:///home/mlflow.db"),
+])
+def test_a_password_in_a_query_string_is_redacted_too(uri: str, shown: str) -> None:
+    from registry.store import _redact
+
+    assert _redact(uri) == shown
+    assert _redact(f"API request to {uri} failed") == f"API request to {shown} failed"
