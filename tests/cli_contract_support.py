@@ -132,11 +132,13 @@ def without_root(workspace: Path) -> Iterator[None]:
         for name in dirs + files:
             os.lchown(Path(folder) / name, nobody.pw_uid, nobody.pw_gid)
     ancestor = workspace.parent
-    modes = []
-    while ancestor != ancestor.parent:  # the way in must be open to nobody
+    # The way in must be open to nobody (search only, no listing). It stays open: the
+    # ancestors (/tmp/pytest-of-root/pytest-N) are shared by the xdist workers, and one
+    # worker closing them again while another is inside this block failed that one's
+    # test with a PermissionError (seen in CI).
+    while ancestor != ancestor.parent:
         mode = ancestor.stat().st_mode
         if not mode & stat.S_IXOTH:
-            modes.append((ancestor, mode))
             ancestor.chmod(mode | stat.S_IXOTH)
         ancestor = ancestor.parent
     os.setegid(nobody.pw_gid)
@@ -146,8 +148,6 @@ def without_root(workspace: Path) -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
-        for folder, mode in modes:
-            folder.chmod(mode)
         for folder, dirs, files in os.walk(workspace):
             os.lchown(folder, 0, 0)
             for name in dirs + files:
