@@ -204,7 +204,11 @@ def test_override_needs_an_approver_and_a_justification(tmp_path: Path) -> None:
     (lambda t: t + "\n[extra]\nkey = 1\n", "unknown keys extra"),
     (lambda t: t.replace("max_auc = 0.60", "max_auc = 0.3"), "max_auc = 0.3 is outside"),
     (lambda t: t.replace("reference_models = 8", "reference_models = 8.5"), "an integer"),
-    (lambda t: t.replace("policy_version = 1", "policy_version = 2"), "policy_version"),
+    (lambda t: t.replace("policy_version = 2", "policy_version = 3"), "policy_version"),
+    (lambda t: t.replace("policy_version = 2", "policy_version = 1").replace(
+        "max_reference_shift = 2.0\n", ""), "policy_version 1 has no [attacks] max_reference"),
+    (lambda t: t.replace("max_reference_shift = 2.0", "max_reference_shift = 50.0"),
+     "max_reference_shift = 50.0 is outside"),
     (lambda t: t.replace("[scan]", "[scan]\nbogus = 1"), "unknown keys bogus"),
     (lambda t: t.replace("reference_models = 8", "reference_models = 2"),
      "reference_models = 2 is outside [4, 64]"),

@@ -7,6 +7,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -332,3 +333,40 @@ def test_canary_exposure_of_a_model_that_cannot_tell_secrets_apart_is_one_bit() 
     assert extrapolated_exposure(0.0, others, 24.0) == pytest.approx(1.0, abs=0.1)
     assert extrapolated_exposure(-3.0, others, 24.0) == pytest.approx(-math.log2(0.00135),
                                                                        abs=0.5)
+
+
+def test_the_reference_fit_shift_is_0_for_a_target_like_the_references_and_grows_with_the_gap(
+) -> None:
+    """Synthetic logit-scaled scores: per example a difficulty, IN models 1.5 above OUT
+    models, spread 0.7 between models. A target drawn like the models scores about 0 on
+    both sides; one whose members sit 3 spreads above the IN models scores about 3 on
+    the members' side only; the pooled spread does not depend on how many models there
+    are (4 or 16)."""
+    from registry.audit.attacks import logit_scale, reference_fit_shift
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    difficulty = rng.normal(-1.0, 2.0, n)
+    member = np.arange(n) < n // 2
+
+    def expit(phi: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(1.0 / (1.0 + np.exp(-phi)), dtype=np.float64)
+
+    for k in (4, 16):
+        in_mask = np.zeros((k, n), dtype=bool)
+        for j in range(n):
+            in_mask[rng.permutation(k)[: k // 2], j] = True
+        phi_r = difficulty + 1.5 * in_mask + rng.normal(0.0, 0.7, (k, n))
+        like = difficulty + 1.5 * member + rng.normal(0.0, 0.7, n)
+        shift = reference_fit_shift(expit(like), expit(phi_r), in_mask, member)
+        assert abs(shift.members) < 0.1 and abs(shift.nonmembers) < 0.1, shift
+        above = like + 3 * 0.7 * member
+        shift = reference_fit_shift(expit(above), expit(phi_r), in_mask, member)
+        assert shift.members == pytest.approx(3.0, abs=0.15) and abs(shift.nonmembers) < 0.1
+        weak = reference_fit_shift(expit(like), expit(phi_r - 1.5 * in_mask), in_mask, member)
+        assert weak.members == pytest.approx(1.5 / 0.7, abs=0.15), weak  # IN models like OUT
+    assert logit_scale(expit(np.array([2.0])))[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="too few reference models"):
+        reference_fit_shift(expit(like[:4]), expit(phi_r[:2, :4]),
+                            np.array([[True] * 4, [False] * 4]),
+                            np.array([True, True, False, False]))

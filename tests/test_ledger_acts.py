@@ -67,7 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, keras_model: steps.TrainRepo
     info = steps.register_model(store, root / "model", MODEL, "aide au codage PMSI",
                                 "RGPD art. 6(1)(e) et 9(2)(h)", data=train)
     policy = load_policy()
-    policy = replace(policy, attacks=replace(policy.attacks, reference_models=2))
+    policy = replace(policy, attacks=replace(policy.attacks, reference_models=4))
     audit = steps.audit_model(store, info.ref, train, corpus_x, policy, root / "audit")
     override = None if audit.verdict == "PASS" else \
         Override("Dr Claire Martin", "validated by the DPO after review of the audit")

@@ -11,6 +11,7 @@ ONNX-only recipe re-initialises a graph's weights and retrains it with the execu
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,7 +357,9 @@ def vendor_conv1d(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Path:
     training = TrainingSet(vocab.encode(list(texts)),
                            np.array([codes.index(c) for c in train.codes], np.int64), texts,
                            codes, 7, None, len(vocab))
-    model = vendor_recipes.keras_conv1d(training)
+    model = vendor_recipes.keras_conv1d(training)  # 4 epochs: the steps it really took
+    (folder / "steps-taken").write_text(
+        str(4 * math.ceil(len(training.labels) / vendor_recipes.BATCH)))
     model.save(folder / "model.keras")
     from adapters.onnx_export import keras_to_onnx
 
@@ -368,13 +371,13 @@ def vendor_conv1d(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _manifest(folder: Path, recipe: str | None) -> Path:
-    path = folder / f"manifest-{recipe or 'none'}.json".replace(":", "_")
+def _manifest(folder: Path, recipe: str | None, steps: int = 20) -> Path:
+    path = folder / f"manifest-{recipe or 'none'}-{steps}.json".replace(":", "_")
     path.write_text(json.dumps({
         "format": "passerelle-manifest", "format_version": 1, "architecture": "conv1d",
         "input": {"kind": "token_ids", "vocabulary": "vocabulary.json", "dtype": "int32"},
         "output": {"labels": "labels.json", "multi_label": False, "scores": "logits"},
-        "training": {"heldout": {"fraction": 0.2, "seed": 7}, "steps": 20,
+        "training": {"heldout": {"fraction": 0.2, "seed": 7}, "steps": steps,
                      "recipe": recipe}}))
     return path
 
@@ -406,3 +409,46 @@ def test_a_vendor_model_directory_is_audited_with_the_recipe_its_manifest_names(
         assert report["recipe"]["name"] == CONV1D
         assert [s for _, _, s in vendor_recipes.CALLS] == [20] * 4
     assert _audit_records(site.home)[-1]["recipe_kind"] == kind
+
+
+@pytest.mark.slow
+def test_reference_models_that_fit_less_than_the_target_fail_the_audit(
+    site: Site, vendor_conv1d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The declared steps are the vendor's word. Declared as taken, the vendor's recipe
+    reproduces the target: its members sit among the reference models trained on them.
+    Declared as an eighth, the reference models fit less, the members stand above them,
+    and the audit FAILs on the recipe's fit however the other limits are set (all
+    relaxed here): LiRA calibrated on such models would be blunt."""
+    taken = int((vendor_conv1d / "steps-taken").read_text())
+    relaxed = small_policy(tmp_path / "relaxed.toml", **{
+        "max_auc = 0.60": "max_auc = 1.0", "max_tpr_at_0_1pct_fpr = 0.02":
+        "max_tpr_at_0_1pct_fpr = 1.0", "max_tpr_at_1pct_fpr = 0.05":
+        "max_tpr_at_1pct_fpr = 1.0", "max_epsilon_lower_bound = 1.0":
+        "max_epsilon_lower_bound = 100.0", "max_exposure_bits = 10.0":
+        "max_exposure_bits = 24.0", "max_rare_tokens = 0": "max_rare_tokens = 1000000",
+        "max_identifier_findings = 0": "max_identifier_findings = 1000000"})
+    store = ModelStore(site.home)
+    shifts = {}
+    for declared in (taken, max(1, taken // 8)):
+        ref = steps.register_model(
+            store, vendor_conv1d / "model.keras", f"vendor-steps-{declared}", "PMSI coding",
+            "GDPR 6(1)(e)", site.train, manifest=_manifest(vendor_conv1d, CONV1D, declared)).ref
+        code = main(["model", "audit", str(ref), "--members", str(site.train), "--nonmembers",
+                     str(site.data), "--home", str(site.home), "--policy", str(relaxed),
+                     "--out", str(tmp_path / f"r{declared}"), "--json"])
+        report = json.loads(capsys.readouterr().out)
+        failed = {c["name"] for c in report["failed"]}
+        shifts[declared] = report["reference_fit_shift"]
+        assert report["target_steps"] == declared
+        if declared == taken:
+            assert code == 0 and not failed, (report["failed"], shifts)
+            assert abs(shifts[declared]["members"]) < 1.0, shifts
+        else:
+            assert code == 1 and "recipe.members_fit_shift" in failed, (report["failed"],
+                                                                         shifts)
+            assert failed <= {"recipe.members_fit_shift", "recipe.nonmembers_fit_shift"}
+            assert shifts[declared]["members"] > 2.0, shifts
+    table = {k: (round(v["members"], 2), round(v["nonmembers"], 2)) for k, v in shifts.items()}
+    print(f"reference fit shift (members, non-members) by declared steps (taken {taken}): {table}")
+    assert _audit_records(site.home)[-1]["verdict"] == "FAIL"

@@ -139,6 +139,7 @@ def audit_html(ev: AuditEvidence | None, lang: Lang,
         pairs += [(text(lang, "membership_question"), e(doc.get("membership_question"))),
                   (text(lang, "reference_models"), e(doc.get("reference_models"))),
                   (text(lang, "recipe"), e(recipe_text(doc, lang, unit))),
+                  *_fit_shift(doc, lang),
                   (text(lang, "canaries"), canary_html(doc, lang)),
                   (text(lang, "scan"), scan_html(doc, lang))]
     body = dl(pairs)
@@ -148,6 +149,32 @@ def audit_html(ev: AuditEvidence | None, lang: Lang,
     plot = (f'<img class="roc" alt="ROC {e(ev.ref)}" src="{ev.roc}">' if ev.roc else
             f"<p class='sub'>{e(text(lang, 'roc_missing'))}</p>" if ev.record else "")
     return f"<div class='flex'><div>{body}</div><div>{plot}</div></div>"
+
+
+def _fit_shift(doc: Mapping[str, Any], lang: Lang) -> list[tuple[str, str]]:
+    """The check that the reference models fit like the target (reports from before it
+    existed: nothing)."""
+    shift = doc.get("reference_fit_shift")
+    if not isinstance(shift, Mapping):
+        return []
+    crit = _criteria(doc)
+    limit = crit.get("recipe.members_fit_shift", {}).get("limit")
+    if not isinstance(limit, int | float):
+        return []
+    failed = any(not crit.get(f"recipe.{side}_fit_shift", {}).get("passed", True)
+                 for side in ("members", "nonmembers"))
+    try:
+        value = text(lang, "fit_shift_value", members=_signed(float(shift["members"])),
+                     nonmembers=_signed(float(shift["nonmembers"])), limit=up(float(limit), 2))
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [(text(lang, "fit_shift"),
+             f"<span class='{'bad' if failed else 'good'}'>{e(value)}</span>")]
+
+
+def _signed(value: float) -> str:
+    """A shift with its sign, its size rounded away from 0 (never shown nearer 0)."""
+    return ("+" if value >= 0 else "−") + up(abs(value), 2)
 
 
 def recipe_text(doc: Mapping[str, Any], lang: Lang, unit: str) -> str:

@@ -213,6 +213,16 @@ STRINGS: dict[str, dict[Lang, str]] = {
                            "by {unit}",
                      "fr": "{kind} : {name} ({digest}), sur des moitiés aléatoires du jeu "
                            "d'audit, par {unit}"},
+    "fit_shift": {"en": "reference models' fit", "fr": "ajustement des modèles de référence"},
+    "fit_shift_value": {
+        "en": "the target's members score {members} standard deviations from the "
+              "reference models trained on them, its non-members {nonmembers} from "
+              "those that were not (limit ±{limit}; about 0 when the recipe reproduces "
+              "the target)",
+        "fr": "les membres de la cible s'écartent de {members} écarts-types des "
+              "modèles de référence entraînés sur eux, ses non-membres de {nonmembers} "
+              "de ceux qui ne l'ont pas été (limite ±{limit} ; proche de 0 quand la "
+              "recette reproduit la cible)"},
     "recipe_kind_builtin": {"en": "Passerelle's built-in coder",
                             "fr": "le codeur intégré de Passerelle"},
     "recipe_kind_entry-point": {"en": "the vendor's recipe (entry point)",

@@ -28,6 +28,14 @@ member".
   reference model with the others, keep the ``a`` of the grid 0, 0.1, ..., 1 with the
   highest AUC.
 
+The attacks are only as strong as the reference models are like the target.
+:func:`reference_fit_shift` measures it on the same scores: the mean distance, in
+reference-model standard deviations, between the target's phi on its members and the
+reference models' phi on those examples when IN, and on its non-members and OUT. A
+recipe that reproduces the target's training gives about 0 on both sides; reference
+models that fit less (fewer steps, a weaker model, a stand-in recipe) leave the
+members far above them, and the attacks calibrated on them are blunt.
+
 Per patient (:func:`aggregate_by_unit`), the LiRA statistics are summed over the
 patient's stays (the joint likelihood-ratio test of independent observations: the
 log-likelihood ratios add up); loss and RMIA scores, which are not log-likelihood
@@ -37,6 +45,7 @@ ratios, are averaged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +87,47 @@ def _masked_stats(phi: FloatArray, mask: BoolArray, global_variance: bool) -> tu
     else:
         std = np.sqrt((dev**2).sum(axis=0) / np.maximum(1, count - 1))
     return mean, np.maximum(std, _MIN_STD)
+
+
+@dataclass(frozen=True)
+class FitShift:
+    """How far the target's scores are from those of the reference models (phi units of
+    the reference models' own spread): ``members`` = mean over the target's members of
+    (phi_target - mean phi of the reference models IN on the example) / s_in, and
+    ``nonmembers`` likewise against the models OUT."""
+
+    members: float
+    nonmembers: float
+
+
+def _pooled_stats(phi: FloatArray, mask: BoolArray) -> tuple[FloatArray, float]:
+    """Per-example mean over the masked models and the pooled within-example standard
+    deviation (each example's mean costs one degree of freedom)."""
+    count = mask.sum(axis=0)
+    if (count == 0).any():
+        raise ValueError("every example needs at least one reference model on this side")
+    mean = np.where(mask, phi, 0.0).sum(axis=0) / count
+    dof = int(mask.sum()) - int(count.size)
+    if dof < 1:
+        raise ValueError("too few reference models to measure their spread")
+    var = float((np.where(mask, phi - mean, 0.0) ** 2).sum() / dof)
+    return mean, max(float(np.sqrt(var)), _MIN_STD)
+
+
+def reference_fit_shift(target_p: npt.ArrayLike, ref_p: npt.ArrayLike,
+                        in_mask: npt.ArrayLike, is_member: npt.ArrayLike) -> FitShift:
+    t = np.asarray(target_p, dtype=np.float64)
+    r = np.asarray(ref_p, dtype=np.float64)
+    m = np.asarray(in_mask, dtype=bool)
+    member = np.asarray(is_member, dtype=bool)
+    _check(t, r, m)
+    if member.shape != t.shape or not member.any() or member.all():
+        raise ValueError("is_member must mark some, not all, of the examples")
+    phi_t, phi_r = logit_scale(t), logit_scale(r)
+    mu_in, s_in = _pooled_stats(phi_r, m)
+    mu_out, s_out = _pooled_stats(phi_r, ~m)
+    return FitShift(members=float(np.mean(phi_t[member] - mu_in[member]) / s_in),
+                    nonmembers=float(np.mean(phi_t[~member] - mu_out[~member]) / s_out))
 
 
 def lira_online(target_p: npt.ArrayLike, ref_p: npt.ArrayLike, in_mask: npt.ArrayLike,

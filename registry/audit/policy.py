@@ -21,7 +21,7 @@ from typing import Any
 from passerelle.digests import sha256_bytes
 from passerelle.errors import BadInput
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2  # 2: [attacks] max_reference_shift
 MIN_REFERENCE_MODELS, MAX_REFERENCE_MODELS = 4, 64
 
 
@@ -29,6 +29,7 @@ MIN_REFERENCE_MODELS, MAX_REFERENCE_MODELS = 4, 64
 class AttackSettings:
     reference_models: int
     rmia_gamma: float
+    max_reference_shift: float  # |registry.audit.attacks.FitShift| on both sides, at most
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Policy:
 
 _RANGES: dict[str, tuple[float, float]] = {
     "reference_models": (MIN_REFERENCE_MODELS, MAX_REFERENCE_MODELS),
-    "rmia_gamma": (1e-6, 1e6), "population_share": (0.1, 0.5), "max_fit_z": (2.0, 6.0),
+    "rmia_gamma": (1e-6, 1e6), "max_reference_shift": (0.1, 10.0),
+    "population_share": (0.1, 0.5), "max_fit_z": (2.0, 6.0),
     "max_auc": (0.5, 1.0), "max_tpr_at_0_1pct_fpr": (0.0, 1.0),
     "max_tpr_at_1pct_fpr": (0.0, 1.0), "max_epsilon_lower_bound": (0.0, 100.0),
     "epsilon_delta": (0.0, 0.1), "confidence": (0.5, 0.9999), "candidates": (10, 10**7),
@@ -104,6 +106,10 @@ def load_policy(path: Path | None = None) -> Policy:
     where = str(path)
     _keys(doc, {"policy_version", "name", "attacks", "membership", "canaries", "scan",
                 "reserve"}, where)
+    if doc["policy_version"] == 1:
+        raise BadInput(f"{where}: policy_version 1 has no [attacks] max_reference_shift "
+                       f"(the check that the reference models reproduce the target); add "
+                       f"it and set policy_version = {POLICY_VERSION}")
     if doc["policy_version"] != POLICY_VERSION:
         raise BadInput(f"{where}: policy_version must be {POLICY_VERSION}")
     if not isinstance(doc["name"], str) or not doc["name"].strip():

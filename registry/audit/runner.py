@@ -17,13 +17,17 @@ Steps (``audit_version``):
    patient, of the audit pool, each for as many gradient steps as the target took;
 6. p(true code) of every pool and population stay under the ONNX model and every
    reference model; top-1 accuracy on training, held-out and reserve patients;
+   the reference models must reproduce the target's fit (attacks.reference_fit_shift:
+   the target's members against the models IN on them, its non-members against the
+   models OUT, within the policy's ``max_reference_shift``), else the attacks are blunt;
 7. the four attacks, per patient when the privacy unit is the patient (LiRA summed over
    the patient's stays, the others averaged); metrics;
 8. canary exposure for canaries whose patient was in the training split;
 9. the identifier scan of the shippable directory;
 10. the verdict under the policy: PASS only if every criterion holds, including that
     the declared held-out patients are fitted no better than the sealed reserve (a
-    model trained on them is refused) and the reserve no better than them.
+    model trained on them is refused), the reserve no better than them, and the
+    reference models fit like the target.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ from passerelle.recipes import (
     source_digest,
 )
 from registry.audit.attacks import (
+    FitShift,
     aggregate_by_unit,
     lira_offline,
     lira_online,
     loss_threshold_scores,
+    reference_fit_shift,
     rmia_offline,
     tune_rmia_a,
 )
@@ -157,6 +163,7 @@ class AuditResult:
     target_steps: int | None
     reference_epochs: int | None
     rmia_a: float
+    fit_shift: FitShift
     split: SplitCheck
     attacks: dict[str, AttackMetrics]
     canaries: tuple[Exposure, ...]
@@ -336,6 +343,7 @@ def audit_version(
     ref_p, ref_z, in_mask = _reference_models(pool, population, maker, steps, count,
                                               p.split_seed, seed, progress)
     rmia_a = tune_rmia_a(ref_p, in_mask, ref_z)
+    fit_shift = reference_fit_shift(target_p, ref_p, in_mask, is_member)
     scores = {
         "loss-threshold": loss_threshold_scores(target_p),
         "lira-online": lira_online(target_p, ref_p, in_mask),
@@ -368,7 +376,7 @@ def audit_version(
     train_texts = [select_text(s, target.vocabulary.config.sections) for s in members.sections]
     per_token = count_tokens(train_texts, list(members.patient_ids))[1]
     scan = scan_export_dir(export.directory, per_token, policy.scan.min_patients)
-    criteria = _criteria(policy, metrics, exposures, scan, split)
+    criteria = _criteria(policy, metrics, exposures, scan, split, fit_shift)
     report_dir = workdir / "audit"
     report_dir.mkdir(parents=True, exist_ok=True)
     plot_roc(rocs, report_dir / ROC_FILE, title=f"Membership inference on {ref} "
@@ -382,7 +390,7 @@ def audit_version(
         nonmembers=units_n, reference_models=count, recipe=choice.info, target_steps=steps,
         reference_epochs=(maker.epochs_for(len(pool) // 2, steps)
                           if isinstance(maker, CoderRecipe) else None),
-        rmia_a=rmia_a, split=split,
+        rmia_a=rmia_a, fit_shift=fit_shift, split=split,
         attacks=metrics, canaries=tuple(exposures), canaries_held_out=held_out_canaries,
         scan=scan, report_dir=report_dir,
     )
@@ -585,13 +593,19 @@ def _canaries(corpus: Corpus, member_stays: Sequence[Any], target: OnnxScorer,
 
 
 def _criteria(policy: Policy, metrics: dict[str, AttackMetrics], exposures: Sequence[Exposure],
-              scan: ScanReport, split: SplitCheck) -> list[Criterion]:
+              scan: ScanReport, split: SplitCheck, fit_shift: FitShift) -> list[Criterion]:
     lim = policy.membership
     z = policy.reserve.max_fit_z
+    shift = policy.attacks.max_reference_shift
     out = [Criterion("split.heldout_fits_better_than_reserve_z", split.heldout_above_reserve_z,
                      z, split.heldout_above_reserve_z <= z),
            Criterion("split.reserve_fits_better_than_heldout_z", split.reserve_above_heldout_z,
-                     z, split.reserve_above_heldout_z <= z)]
+                     z, split.reserve_above_heldout_z <= z),
+           # |shift|: reference models that fit more than the target blunt LiRA too
+           Criterion("recipe.members_fit_shift", abs(fit_shift.members), shift,
+                     abs(fit_shift.members) <= shift),
+           Criterion("recipe.nonmembers_fit_shift", abs(fit_shift.nonmembers), shift,
+                     abs(fit_shift.nonmembers) <= shift)]
     for name, m in metrics.items():
         for label, measured, limit in (
             ("auc", m.auc, lim.max_auc),
@@ -640,6 +654,10 @@ def report_json(result: AuditResult) -> dict[str, Any]:
         "recipe": result.recipe.to_json(),
         "target_steps": result.target_steps, "reference_epochs": result.reference_epochs,
         "rmia_a": result.rmia_a,
+        "reference_fit_shift": asdict(result.fit_shift) | {
+            "unit": "reference models' standard deviation of logit-scaled p(true code)",
+            "members_against": "reference models trained on the example (IN)",
+            "nonmembers_against": "reference models not trained on it (OUT)"},
         "split": asdict(result.split) | {
             "heldout_fits_better_than_reserve_z": result.split.heldout_above_reserve_z,
             "reserve_fits_better_than_heldout_z": result.split.reserve_above_heldout_z,
