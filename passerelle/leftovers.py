@@ -1,0 +1,192 @@
+"""What a killed ``model register`` or ``finetune`` leaves, and how the next one removes it.
+
+Registry: the run of a local registration is tagged (registry.store.REGISTER_TAG,
+FINETUNE_TAG: the site's fingerprint and the name). A SIGKILL after the run was created
+and before the act's ledger record leaves a run, maybe a version, that the ledger never
+recorded. The next registration into the same name removes them first
+(:func:`clean_killed`, under the home's ``.register.lock``, which every registration
+holds until its record is written); until then ``model audit``, ``model export`` and
+``bundle create`` refuse such a version (:func:`check_recorded`).
+
+Work folders: ``model register`` stages the intake in ``HOME/.intake/register-*`` and ``finetune``
+trains in ``HOME/.passerelle-finetune-*``; a SIGKILL leaves such a folder behind (with a
+model, or a model trained on the site's data). Each command holds an exclusive
+``fcntl.flock`` on the ``.lock`` file inside its folder for the folder's whole life; the
+next command of the same kind removes every folder of that kind whose lock it can take
+(its owner is dead) and keeps the others (a live concurrent command). Folders are
+created, locked and cleaned under the home's ``.staging.lock``, so a cleaner never sees a
+folder before its owner holds its lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from passerelle.errors import BadInput
+from registry.store import (
+    FINETUNE_TAG,
+    REGISTER_TAG,
+    TAG,
+    ModelStore,
+    VersionInfo,
+    VersionRef,
+    run_mark,
+)
+from transfer.acts import has_ledger
+from transfer.records import RecordKind
+
+LOCK_FILE = ".lock"  # inside each work folder, locked by its owner
+AREA_LOCK = ".staging.lock"  # in the home: creating, locking and cleaning folders
+
+
+@contextmanager
+def locked_workspace(home: Path, parent: Path, prefix: str,
+                     remove_parent: bool = False) -> Iterator[Path]:
+    """A new 0700 folder ``parent/prefixXXXX``, locked for as long as it is used and
+    removed on every path out; stale ``parent/prefix*`` folders of killed commands are
+    removed first. ``remove_parent``: also remove ``parent`` at the end once it is empty.
+    OSError if the folder cannot be made."""
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home / AREA_LOCK):
+        parent.mkdir(mode=0o700, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        lock = (path / LOCK_FILE).open("a")
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        clean_stale(parent, prefix, path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        lock.close()
+        if remove_parent:
+            with _locked(home / AREA_LOCK), suppress(OSError):
+                parent.rmdir()
+
+
+def clean_stale(parent: Path, prefix: str, mine: Path | None = None) -> list[Path]:
+    """Remove the ``parent/prefix*`` folders whose lock is free (their command died);
+    those whose lock is held by a live command are kept. Returns what was removed."""
+    removed = []
+    for child in sorted(parent.glob(prefix + "*")):
+        if child == mine or child.is_symlink() or not child.is_dir():
+            continue
+        try:
+            with (child / LOCK_FILE).open("a") as other:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(child, ignore_errors=True)
+        except BlockingIOError:
+            continue  # a live command's folder
+        except OSError:
+            shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def registration_lock(home: Path) -> Iterator[None]:
+    """The home's ``.register.lock``: held by a local registration (``model register``,
+    ``finetune``) from its registry cleaning or its new run to its ledger record, so that
+    no cleaner takes a live registration's unrecorded version for a killed one's."""
+    with _locked(home / ".register.lock"):
+        yield
+
+
+class UnrecordedVersion(BadInput):
+    """A version a killed registration left: the site's ledger does not record it."""
+
+
+@dataclass(frozen=True)
+class LocalAct:
+    """A local registration: its run tag, the record that completes it, its command."""
+
+    run_tag: str
+    kind: RecordKind
+    command: str
+
+    def recorded(self, home: Path) -> set[tuple[str, str, str]]:
+        """(name, version, digest) of every version this act recorded in the ledger."""
+        from transfer.ledger_site import open_ledger
+
+        digest = "model_dir_digest" if self.kind is RecordKind.MODEL_REGISTERED \
+            else "onnx_digest"
+        with open_ledger(home) as ledger:
+            return {(str(r.fields.get("model")), str(r.fields.get("version")),
+                     str(r.fields.get(digest)))
+                    for r in ledger.records(kind=self.kind)
+                    if self.kind is not RecordKind.FINETUNE
+                    or r.fields.get("outcome") == "finished"}
+
+    def key(self, info: VersionInfo) -> tuple[str, str, str]:
+        digest = "model_dir_digest" if self.kind is RecordKind.MODEL_REGISTERED \
+            else "onnx_digest"
+        return (info.ref.name, info.ref.version, str(info.tags.get(TAG + digest)))
+
+
+REGISTER = LocalAct(REGISTER_TAG, RecordKind.MODEL_REGISTERED, "model register")
+FINETUNE = LocalAct(FINETUNE_TAG, RecordKind.FINETUNE, "finetune")
+
+
+def site_fingerprint(home: Path) -> str:
+    """The fingerprint of the home's site identity, "" without one."""
+    from transfer.identity import public_identity
+
+    return str(public_identity(home).fingerprint) if has_ledger(home) else ""
+
+
+def clean_killed(store: ModelStore, name: str, act: LocalAct,
+                 notice: Callable[[str], None] | None = None) -> list[str]:
+    """Remove what killed ``act`` runs of this site left in ``name``: versions without
+    their ledger record and runs without a version (with their artifacts); each removal
+    is one line to ``notice`` (default: stderr). Without a ledger no version can be
+    judged: only runs without a version are removed."""
+    home = store.home
+    if not home.is_dir():  # nothing was ever done here
+        return []
+    mark = run_mark(site_fingerprint(home), name)
+    with registration_lock(home):
+        if has_ledger(home):
+            done = act.recorded(home)
+            removed = store.clean_unrecorded(name, act.run_tag, mark,
+                                             lambda info: act.key(info) in done)
+        else:
+            removed = store.clean_unrecorded(name, act.run_tag, mark, lambda info: True)
+    say = notice or (lambda line: print(line, file=sys.stderr))
+    for what in removed:
+        say(f"removed {what}, left by a killed `passerelle {act.command}` of {name} "
+            "(never recorded in the ledger)")
+    return removed
+
+
+def check_recorded(store: ModelStore, ref: VersionRef) -> None:
+    """Refuse (:class:`UnrecordedVersion`, exit 2) a version a killed ``model register``
+    or ``finetune`` of this site left without its ledger record. Nothing to check in a
+    home without a ledger."""
+    home = store.home
+    if not has_ledger(home):
+        return
+    info = store.get(ref)
+    tags = store.run_tags(info)
+    mark = run_mark(site_fingerprint(home), ref.name)
+    for act in (REGISTER, FINETUNE):
+        if tags.get(act.run_tag) == mark and act.key(info) not in act.recorded(home):
+            raise UnrecordedVersion(
+                f"{ref} was left by a killed `passerelle {act.command}`: the site's ledger "
+                f"has no {act.kind.value} record of it; the next `passerelle "
+                f"{act.command}` into {ref.name} removes it")
