@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,7 +140,7 @@ def test_register_killed_before_its_record_is_refused_then_removed(
     assert len(_staged(home)) == 1
 
     # Nothing uses it until it is removed: one error line, exit 2, before any work.
-    folder, data = vendor
+    data = vendor[1]
     refused = [
         ["model", "export", f"{NAME}/1", "--out", str(tmp_path / "export"), "--override",
          "--approver", "A", "--justification", "J"],
@@ -188,3 +190,72 @@ def test_cleaning_keeps_recorded_versions_and_other_sites_runs(tmp_path: Path) -
     assert removed == [f"version {NAME}/1"]
     assert store.versions(NAME) == []
     assert client.get_run(theirs.info.run_id).info.lifecycle_stage == "active"
+
+
+# ------------------------------------------------------------------ finetune
+
+
+@pytest.fixture(scope="module")
+def received(tmp_path_factory: pytest.TempPathFactory,
+             keras_model: Any) -> tuple[Path, VersionRef]:
+    """Site Y's home with the reference coder exported at X registered as received (as
+    tests/test_finetune.py sets it up: no bundle)."""
+    from passerelle import steps
+    from registry.store import TAG
+    from tests.conftest import TEST_OVERRIDE
+    from transfer.identity import init_site
+
+    root = tmp_path_factory.mktemp("finetune-kill")
+    x_store = ModelStore(root / "home-x")
+    info = steps.register_model(x_store, keras_model.out_dir, NAME, "PMSI coding",
+                                "GDPR 6(1)(e)")
+    steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
+    home_y = root / "home-y"
+    home_y.mkdir()
+    init_site(home_y, "CHU-Y")
+    version = ModelStore(home_y).register_received(
+        root / "export", NAME,
+        {TAG + "source_model": NAME, TAG + "source_version": "1",
+         TAG + "bundle_digest": "sha256:" + "ab" * 32, TAG + "received_from": "CHU-X"})
+    return home_y, version.ref
+
+
+def test_finetune_killed_before_its_record_is_refused_then_removed(
+        received: tuple[Path, VersionRef], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from passerelle import steps
+    from passerelle.finetuning import WORK_PREFIX
+    from registry.store import SLEEP_BEFORE_RECORD_ENV
+
+    corpus_y = tmp_path / "corpus-y"  # smaller than conftest's: a shorter training
+    steps.generate_corpus("Y", 250, 12, 0, corpus_y)
+    home = tmp_path / "home-y"
+    shutil.copytree(received[0], home)
+    argv = ["finetune", str(received[1]), "--data", str(corpus_y), "--epsilon", "2",
+            "--delta", "1e-5", "--epochs", "1", "--batch-size", "32", "--home", str(home),
+            "--drop-unknown-codes", "--seed", "1"]
+    _killed(argv, SLEEP_BEFORE_RECORD_ENV, lambda: _versions_in_db(home) > 1)
+    store = ModelStore(home)
+    assert store.versions(NAME) == ["1", "2"]  # the fine-tuned version, never recorded
+    with open_ledger(home) as ledger:
+        assert ledger.records(kind=RecordKind.FINETUNE) == []
+        assert len(ledger.records(kind=RecordKind.FINETUNE_STARTED)) == 1
+    [stale] = home.glob(WORK_PREFIX + "*")  # with the model trained on Y's stays
+    assert stat.S_IMODE(stale.stat().st_mode) == 0o700
+
+    code, err = _run(["model", "export", f"{NAME}/2", "--out", str(tmp_path / "export"),
+                      "--override", "--approver", "A", "--justification", "J",
+                      "--home", str(home)], capsys)
+    assert code == 2 and "killed `passerelle finetune`" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    assert f"removed version {NAME}/2" in err
+    assert store.versions(NAME) == ["1", "3"]
+    assert list(home.glob(WORK_PREFIX + "*")) == []
+    with open_ledger(home) as ledger:
+        assert [(r.fields["outcome"], r.fields["version"])
+                for r in ledger.records(kind=RecordKind.FINETUNE)] == [("finished", "3")]
+    code, err = _run(["records", "verify", "--home", str(home)], capsys)
+    assert code == 0, err
