@@ -74,8 +74,8 @@ from passerelle.errors import BadInput, PasserelleError
 from passerelle.leftovers import (
     FINETUNE,
     clean_killed,
+    home_lock,
     locked_workspace,
-    registration_lock,
     site_fingerprint,
 )
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
@@ -202,7 +202,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                 sign_local_version(store, version, rec, finished)  # Y signs what it makes
 
             # registration of the fine-tuned version
-            with registration_lock(home):  # until recorded: no cleaner takes it
+            with home_lock(home):  # until recorded: no cleaner takes it
                 version = store.register_received(out, ref.name, tags, on_registered,
                                                   metrics=finetune_metrics(result),
                                                   receiver=site_fingerprint(home))

@@ -4,8 +4,8 @@ Registry: the run of a local registration is tagged (registry.store.REGISTER_TAG
 FINETUNE_TAG: the site's fingerprint and the name). A SIGKILL after the run was created
 and before the act's ledger record leaves a run, maybe a version, that the ledger never
 recorded. The next registration into the same name removes them first
-(:func:`clean_killed`, under the home's ``.register.lock``, which every registration
-holds until its record is written); until then ``model audit``, ``model export`` and
+(:func:`clean_killed`, under :func:`home_lock`, which every registration holds until
+its record is written); until then ``model audit``, ``model export`` and
 ``bundle create`` refuse such a version (:func:`check_recorded`).
 
 Work folders: ``model register`` stages the intake in ``HOME/.intake/register-*`` and ``finetune``
@@ -14,13 +14,14 @@ model, or a model trained on the site's data). Each command holds an exclusive
 ``fcntl.flock`` on the ``.lock`` file inside its folder for the folder's whole life; the
 next command of the same kind removes every folder of that kind whose lock it can take
 (its owner is dead) and keeps the others (a live concurrent command). Folders are
-created, locked and cleaned under the home's ``.staging.lock``, so a cleaner never sees a
-folder before its owner holds its lock.
+created, locked and cleaned under :func:`home_lock`, so a cleaner never sees a folder
+before its owner holds its lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from passerelle.errors import BadInput
+from passerelle.errors import BadInput, ModelNotFound
 from registry.store import (
     FINETUNE_TAG,
     REGISTER_TAG,
@@ -43,7 +44,6 @@ from transfer.acts import has_ledger
 from transfer.records import RecordKind
 
 LOCK_FILE = ".lock"  # inside each work folder, locked by its owner
-AREA_LOCK = ".staging.lock"  # in the home: creating, locking and cleaning folders
 
 
 @contextmanager
@@ -54,7 +54,7 @@ def locked_workspace(home: Path, parent: Path, prefix: str,
     removed first. ``remove_parent``: also remove ``parent`` at the end once it is empty.
     OSError if the folder cannot be made."""
     home.mkdir(parents=True, exist_ok=True)
-    with _locked(home / AREA_LOCK):
+    with home_lock(home):
         parent.mkdir(mode=0o700, exist_ok=True)
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         lock = (path / LOCK_FILE).open("a")
@@ -66,7 +66,7 @@ def locked_workspace(home: Path, parent: Path, prefix: str,
         shutil.rmtree(path, ignore_errors=True)
         lock.close()
         if remove_parent:
-            with _locked(home / AREA_LOCK), suppress(OSError):
+            with home_lock(home), suppress(OSError):
                 parent.rmdir()
 
 
@@ -90,22 +90,18 @@ def clean_stale(parent: Path, prefix: str, mine: Path | None = None) -> list[Pat
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-@contextmanager
-def registration_lock(home: Path) -> Iterator[None]:
-    """The home's ``.register.lock``: held by a local registration (``model register``,
-    ``finetune``) from its registry cleaning or its new run to its ledger record, so that
-    no cleaner takes a live registration's unrecorded version for a killed one's."""
-    with _locked(home / ".register.lock"):
+def home_lock(home: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the home folder itself (no lock file is left in a home
+    that a refused command must leave as it was). Held while a work folder is made,
+    locked and cleaned, and by a local registration (``model register``, ``finetune``)
+    from its registry cleaning or its new run to its ledger record, so that no cleaner
+    takes a live registration's unrecorded version for a killed one's."""
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class UnrecordedVersion(BadInput):
@@ -160,13 +156,17 @@ def clean_killed(store: ModelStore, name: str, act: LocalAct,
     if not home.is_dir():  # nothing was ever done here
         return []
     mark = run_mark(site_fingerprint(home), name)
-    with registration_lock(home):
-        if has_ledger(home):
-            done = act.recorded(home)
-            removed = store.clean_unrecorded(name, act.run_tag, mark,
-                                             lambda info: act.key(info) in done)
-        else:
-            removed = store.clean_unrecorded(name, act.run_tag, mark, lambda info: True)
+    done: list[set[tuple[str, str, str]]] = []
+
+    def keep(info: VersionInfo) -> bool:
+        if not has_ledger(home):
+            return True
+        if not done:  # read only when there is a version to judge (no ledger created)
+            done.append(act.recorded(home))
+        return act.key(info) in done[0]
+
+    with home_lock(home):
+        removed = store.clean_unrecorded(name, act.run_tag, mark, keep)
     say = notice or (lambda line: print(line, file=sys.stderr))
     for what in removed:
         say(f"removed {what}, left by a killed `passerelle {act.command}` of {name} "
@@ -181,7 +181,10 @@ def check_recorded(store: ModelStore, ref: VersionRef) -> None:
     home = store.home
     if not has_ledger(home):
         return
-    info = store.get(ref)
+    try:
+        info = store.get(ref)
+    except ModelNotFound:
+        return  # the command says so itself, after its own checks of its input
     tags = store.run_tags(info)
     mark = run_mark(site_fingerprint(home), ref.name)
     for act in (REGISTER, FINETUNE):

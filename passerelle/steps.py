@@ -32,8 +32,8 @@ from passerelle.leftovers import (
     REGISTER,
     check_recorded,
     clean_killed,
+    home_lock,
     locked_workspace,
-    registration_lock,
     site_fingerprint,
 )
 from passerelle.recipes import BUILTIN, ONNX_REINIT, load_recipe
@@ -230,7 +230,7 @@ def _register_dir(store: ModelStore, model_dir: ModelDir, name: str, purpose: st
                         "source": dict(meta.source),
                         "onnx_digest": meta.onnx_digest})
 
-        with registration_lock(store.home):  # until recorded: no cleaner takes it
+        with home_lock(store.home):  # until recorded: no cleaner takes it
             return store.register(model_dir, name, provenance, record,
                                   site_fingerprint(store.home))
 
