@@ -20,6 +20,7 @@ before its owner holds its lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -78,13 +79,20 @@ def clean_stale(parent: Path, prefix: str, mine: Path | None = None) -> list[Pat
         if child == mine or child.is_symlink() or not child.is_dir():
             continue
         try:
-            with (child / LOCK_FILE).open("a") as other:
-                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(child, ignore_errors=True)
+            fd = os.open(child / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                continue  # gone meanwhile, or not ours to judge: kept
+            fd = -1  # a link in place of the lock: no command holds it
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(child, ignore_errors=True)
         except BlockingIOError:
             continue  # a live command's folder
-        except OSError:
-            shutil.rmtree(child, ignore_errors=True)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         removed.append(child)
     return removed
 
