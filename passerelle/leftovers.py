@@ -8,9 +8,9 @@ recorded. The next registration into the same name removes them first
 its record is written); until then ``model audit``, ``model export`` and
 ``bundle create`` refuse such a version (:func:`check_recorded`).
 
-Work folders: ``model register`` stages the intake in ``HOME/.intake/register-*`` and ``finetune``
-trains in ``HOME/.passerelle-finetune-*``; a SIGKILL leaves such a folder behind (with a
-model, or a model trained on the site's data). Each command holds an exclusive
+Work folders: ``model register`` stages the intake in ``HOME/.intake/register-*`` and
+``finetune`` trains in ``HOME/.passerelle-finetune-*``; a SIGKILL leaves such a folder
+behind (with a model, or a model trained on the site's data). Each command holds an exclusive
 ``fcntl.flock`` on the ``.lock`` file inside its folder for the folder's whole life; the
 next command of the same kind removes every folder of that kind whose lock it can take
 (its owner is dead) and keeps the others (a live concurrent command). Folders are
@@ -124,12 +124,18 @@ class LocalAct:
     kind: RecordKind
     command: str
 
+    @property
+    def digest(self) -> str:
+        """The digest field its record and the version's tags share."""
+        return "model_dir_digest" if self.kind is RecordKind.MODEL_REGISTERED \
+            else "onnx_digest"
+
     def recorded(self, home: Path) -> set[tuple[str, str, str]]:
-        """(name, version, digest) of every version this act recorded in the ledger."""
+        """(name, version, digest) of every version this act recorded in the ledger (for
+        ``finetune``: with outcome ``finished``)."""
         from transfer.ledger_site import open_ledger
 
-        digest = "model_dir_digest" if self.kind is RecordKind.MODEL_REGISTERED \
-            else "onnx_digest"
+        digest = self.digest
         with open_ledger(home) as ledger:
             return {(str(r.fields.get("model")), str(r.fields.get("version")),
                      str(r.fields.get(digest)))
@@ -138,9 +144,8 @@ class LocalAct:
                     or r.fields.get("outcome") == "finished"}
 
     def key(self, info: VersionInfo) -> tuple[str, str, str]:
-        digest = "model_dir_digest" if self.kind is RecordKind.MODEL_REGISTERED \
-            else "onnx_digest"
-        return (info.ref.name, info.ref.version, str(info.tags.get(TAG + digest)))
+        """What :meth:`recorded` holds for ``info`` if its record was written."""
+        return (info.ref.name, info.ref.version, str(info.tags.get(TAG + self.digest)))
 
 
 REGISTER = LocalAct(REGISTER_TAG, RecordKind.MODEL_REGISTERED, "model register")

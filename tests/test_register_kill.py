@@ -259,3 +259,26 @@ def test_finetune_killed_before_its_record_is_refused_then_removed(
                 for r in ledger.records(kind=RecordKind.FINETUNE)] == [("finished", "3")]
     code, err = _run(["records", "verify", "--home", str(home)], capsys)
     assert code == 0, err
+
+
+def test_stale_folders_are_removed_and_a_live_or_foreign_one_kept(tmp_path: Path) -> None:
+    """clean_stale: a folder whose lock is free (or missing, or a link) is a killed
+    command's; one whose lock is held is a live one's; other names are not its own."""
+    from passerelle.leftovers import clean_stale
+
+    prefix = ".passerelle-finetune-"
+    dead, bare, link, live = (tmp_path / f"{prefix}{n}" for n in ("dead", "bare", "link",
+                                                                   "live"))
+    for folder in (dead, bare, link, live):
+        folder.mkdir(mode=0o700)
+    (dead / LOCK_FILE).touch()
+    target = tmp_path / "not-a-lock"
+    target.write_text("kept")
+    (link / LOCK_FILE).symlink_to(target)
+    (tmp_path / "register-other").mkdir()
+    with (live / LOCK_FILE).open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        assert clean_stale(tmp_path, prefix) == sorted([bare, dead, link])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{prefix}live", "not-a-lock", "register-other"]
+    assert target.read_text() == "kept"
