@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +71,13 @@ from adapters.randomness import SecureRandom
 from passerelle.contract import LABELS, ONNX_FILE, VOCABULARY, InputKind, PrivacyUnit
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, PasserelleError
+from passerelle.leftovers import (
+    FINETUNE,
+    clean_killed,
+    home_lock,
+    locked_workspace,
+    site_fingerprint,
+)
 from registry.store import TAG, ModelStore, VersionInfo, VersionRef
 from registry.tracking import finetune_metrics
 from transfer.acts import subject
@@ -84,6 +90,7 @@ if TYPE_CHECKING:
 
 
 FINETUNE_CARD = "finetune_card.json"
+WORK_PREFIX = ".passerelle-finetune-"  # HOME/.passerelle-finetune-*: one run's work folder
 
 
 # copied from the source version: where the model came from. Not its audit verdict: that
@@ -141,8 +148,8 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
     check_store(home, own_charges(home))  # a store that disagrees: refused before any work
     key = site_key(home)
     info = store.get(ref)
-    with tempfile.TemporaryDirectory(prefix=".passerelle-finetune-", dir=home) as tmp:
-        work = Path(tmp)
+    clean_killed(store, ref.name, FINETUNE)  # what a killed finetune into this name left
+    with locked_workspace(home, home, WORK_PREFIX) as work:  # a killed run's: removed
         src = store.download(info, "onnx", work / "src")
         model = prepare_model(src, data, options, key)  # (1), (2), (3)
         executor, output, site = model.executor, model.output, model.site
@@ -195,8 +202,10 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
                 sign_local_version(store, version, rec, finished)  # Y signs what it makes
 
             # registration of the fine-tuned version
-            version = store.register_received(out, ref.name, tags, on_registered,
-                                              metrics=finetune_metrics(result))
+            with home_lock(home):  # until recorded: no cleaner takes it
+                version = store.register_received(out, ref.name, tags, on_registered,
+                                                  metrics=finetune_metrics(result),
+                                                  receiver=site_fingerprint(home))
         except KeyboardInterrupt:
             _record_end(rec, base, "interrupted", "interrupted (Ctrl-C)")
             raise

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,14 @@ from passerelle.corpus import (
 )
 from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, PasserelleError
+from passerelle.leftovers import (
+    REGISTER,
+    check_recorded,
+    clean_killed,
+    home_lock,
+    locked_workspace,
+    site_fingerprint,
+)
 from passerelle.recipes import BUILTIN, ONNX_REINIT, load_recipe
 from registry.audit.halves import Halves
 from registry.audit.policy import Policy, pinned_policy_digest
@@ -140,6 +149,7 @@ def register_model(
     if not text.startswith(("models:/", "runs:/")) and not Path(text).exists():
         raise BadInput(f"{text}: no such folder or file")
     _preflight(store)
+    clean_killed(store, name, REGISTER)  # what a killed register of this name left
     with _staging(store.home) as staging:
         source = _source_of(text, staging, tracking_uri)
         site = None
@@ -147,6 +157,9 @@ def register_model(
             site = _site_name(store.home)
         model_dir = build_model_dir(source, _mkdir(staging / "model"), site, manifest,
                                     data, custom_objects)
+        pause = os.environ.get(SLEEP_IN_STAGING_ENV)
+        if pause:
+            time.sleep(float(pause))
         return _register_dir(store, model_dir, name, purpose, legal_basis, controller,
                              privacy_unit)
 
@@ -217,24 +230,30 @@ def _register_dir(store: ModelStore, model_dir: ModelDir, name: str, purpose: st
                         "source": dict(meta.source),
                         "onnx_digest": meta.onnx_digest})
 
-        return store.register(model_dir, name, provenance, record)
+        with home_lock(store.home):  # until recorded: no cleaner takes it
+            return store.register(model_dir, name, provenance, record,
+                                  site_fingerprint(store.home))
+
+
+STAGING_DIR = ".intake"
+STAGING_PREFIX = "register-"
+# Test hook for the kill tests: seconds to sleep once the intake built the model directory
+# in its staging folder, before anything is registered.
+SLEEP_IN_STAGING_ENV = "PASSERELLE_TEST_SLEEP_IN_STAGING"
 
 
 @contextmanager
 def _staging(home: Path) -> Iterator[Path]:
-    """A private folder inside the home for the intake, removed on every path."""
-    root = home / ".intake"
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="register-", dir=root))
-    except OSError as e:
-        raise BadInput(f"{home}: cannot create the intake staging folder: {e.strerror}") from e
-    try:
+    """A private folder inside the home for the intake, removed on every path; the
+    folders of killed registers are removed first (passerelle.leftovers)."""
+    with ExitStack() as stack:
+        try:
+            path = stack.enter_context(locked_workspace(
+                home, home / STAGING_DIR, STAGING_PREFIX, remove_parent=True))
+        except OSError as e:
+            raise BadInput(f"{home}: cannot create the intake staging folder: "
+                           f"{e.strerror}") from e
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        with suppress(OSError):
-            root.rmdir()
 
 
 def _mkdir(path: Path) -> Path:
@@ -246,6 +265,7 @@ def export_model(store: ModelStore, ref: VersionRef, out: Path,
                  override: Override | None = None) -> OnnxExport:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out}: exists and is not an empty directory")
+    check_recorded(store, ref)  # a killed register's unrecorded version: before any work
     make_parent(out)
     with recorder(store.home) as rec:
         def record(export: OnnxExport, gate: str) -> None:
@@ -289,6 +309,7 @@ def audit_model(
                        "models are either trained here by a recipe or handed over")
     if recipe is not None and recipe not in (BUILTIN, ONNX_REINIT):
         load_recipe(recipe)  # an unknown or unimportable recipe: before any work
+    check_recorded(store, ref)
     pinned = pinned_policy_digest(store.home)
     _check_new_dir(out)
     with recorder(store.home) as rec, _new_dir(out) as tmp:
@@ -313,6 +334,7 @@ def draw_audit_halves(store: ModelStore, ref: VersionRef, members: Path, sealed:
     from registry.audit.halves import HALVES_FILE, home_copy
 
     reference_model_count(policy, reference_models)
+    check_recorded(store, ref)
     _check_new_dir(out)
     with recorder(store.home) as rec, _new_dir(out) as tmp:
         if not rec.enabled:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,20 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # SENDER.MODEL (transfer.exchange.received_name): a site name (64) and a model name (128)
 _RECEIVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,192}$")
 RECEIVE_TAG = TAG + "receive"  # on the run of a received model: the local name
+# On the run of a local registration (``model register``, ``finetune``): "FINGERPRINT NAME"
+# (the site's identity fingerprint, "" without one), so that what a killed registration
+# left can be told apart from anything else in a shared registry (clean_unrecorded).
+REGISTER_TAG = TAG + "register"
+FINETUNE_TAG = TAG + "finetune"
+# Test hook for the kill tests: seconds to sleep once the new version exists, before its
+# ledger record (on_registered) is written.
+SLEEP_BEFORE_RECORD_ENV = "PASSERELLE_TEST_SLEEP_BEFORE_RECORD"
+
+
+def run_mark(site_fingerprint: str, name: str) -> str:
+    """The value of :data:`RECEIVE_TAG`, :data:`REGISTER_TAG` or :data:`FINETUNE_TAG` on
+    the run of a version of ``name`` made at the site with this fingerprint."""
+    return f"{site_fingerprint} {name}"
 
 
 class NameTaken(Refused):
@@ -183,12 +198,15 @@ class ModelStore:
         return str(self._experiment_id)
 
     def register(self, model_dir: ModelDir, name: str, provenance: Provenance,
-                 on_registered: Callable[[VersionInfo], None] | None = None) -> VersionInfo:
+                 on_registered: Callable[[VersionInfo], None] | None = None,
+                 site: str = "") -> VersionInfo:
         """Log the model directory in a run and make it a new version of ``name``.
 
         ``on_registered(version)`` runs last (the ledger records the act there). On any
         failure, its own included, the run, the version (and a registered model this call
-        created) are deleted, so the registry is as it was.
+        created) are deleted, so the registry is as it was. The run is tagged
+        :data:`REGISTER_TAG` (``site``: the registering site's fingerprint) so that what a
+        killed register left can be removed (:meth:`clean_unrecorded`).
         """
         tags = {
             **provenance.tags(),
@@ -207,7 +225,8 @@ class ModelStore:
         return self._new_version(name, f"register {name} (trained at "
                                  f"{provenance.training_site})", model_dir.path, "model", tags,
                                  _run_params(model_dir), on_registered,
-                                 accuracy_metrics(model_dir.metadata.metrics))
+                                 accuracy_metrics(model_dir.metadata.metrics),
+                                 run_tags={REGISTER_TAG: run_mark(site, name)})
 
     def register_received(self, model_dir: Path, name: str, tags: Mapping[str, str],
                           on_registered: Callable[[VersionInfo], None] | None = None,
@@ -226,19 +245,21 @@ class ModelStore:
         fingerprint, as a registry may be shared) so that a killed receive's leftovers
         can be found (:meth:`clean_received`). Undone entirely on any failure, as :meth:`register`.
         Without ``sender`` (a model derived here from a received one, e.g. fine-tuned),
-        a new version of ``name`` with ``tags``, nothing more.
+        a new version of ``name`` with ``tags``, its run tagged :data:`FINETUNE_TAG`
+        (``receiver``: this site's fingerprint).
         """
         from registry.tracking import run_name as name_of
 
         title = run_name or name_of(name, tags, TAG)
         if sender is None or source_model is None:
             return self._new_version(name, title, model_dir, "onnx", dict(tags), {},
-                                     on_registered, metrics, model_tags={},
-                                     name_pattern=_RECEIVED_NAME)
+                                     on_registered, metrics,
+                                     run_tags={FINETUNE_TAG: run_mark(receiver, name)},
+                                     model_tags={}, name_pattern=_RECEIVED_NAME)
         self.check_received_name(name, sender, source_model)
         return self._new_version(
             name, title, model_dir, "onnx", dict(tags), {}, on_registered, metrics,
-            run_tags={RECEIVE_TAG: f"{receiver} {name}"},
+            run_tags={RECEIVE_TAG: run_mark(receiver, name)},
             model_tags={TAG + "received_from": sender, TAG + "source_model": source_model},
             name_pattern=_RECEIVED_NAME, link=True)
 
@@ -267,45 +288,59 @@ class ModelStore:
 
     def clean_received(self, name: str, keep: Callable[[VersionInfo], bool],
                        receiver: str = "") -> list[str]:
-        """Remove what killed receives of ``name`` left: versions made by a receive for
-        which ``keep`` is false (no ledger record), and receive runs without a version,
-        with their artifacts (the plaintext model). Returns what was removed."""
+        """Remove what killed receives of ``name`` left (:meth:`clean_unrecorded` of the
+        runs tagged :data:`RECEIVE_TAG` by ``receiver``)."""
+        return self.clean_unrecorded(name, RECEIVE_TAG, run_mark(receiver, name), keep)
+
+    def clean_unrecorded(self, name: str, run_tag: str, mark: str,
+                         keep: Callable[[VersionInfo], bool]) -> list[str]:
+        """Remove what killed acts of ``name`` left: versions whose run carries
+        ``run_tag = mark`` for which ``keep`` is false (no ledger record), and runs so
+        tagged without a version, with their artifacts. Returns what was removed
+        (``version NAME/V``, ``run ID``). Call it under a lock that keeps the live acts
+        of this mark out (a live act looks like a killed one until it records)."""
+        if self._absent():  # nothing was ever registered here
+            return []
+        with _store_errors(self.uri):
+            runs = self._client.search_runs(
+                [self._experiment()], filter_string=f"tags.`{run_tag}` = '{mark}'")
+        marked = {run.info.run_id for run in runs if run.data.tags.get(run_tag) == mark}
+        if not marked:
+            return []
         removed = []
         linked = set()
         for info in self._version_infos(name):
-            if TAG + "bundle_digest" in info.tags and \
-                    self._receive_run(info.run_id, f"{receiver} {name}") and not keep(info):
-                with _store_errors(self.uri):
-                    self._client.delete_model_version(name, info.ref.version)
-                self._drop_run(info.run_id)
-                removed.append(f"version {info.ref}")
-            else:
+            if info.run_id not in marked:
+                continue
+            if keep(info):
                 linked.add(info.run_id)
-        with _store_errors(self.uri):
-            runs = self._client.search_runs(
-                [self._experiment()],
-                filter_string=f"tags.`{RECEIVE_TAG}` = '{receiver} {name}'")
-        for run in runs:
-            if run.info.run_id not in linked:
-                self._drop_run(run.info.run_id)
-                removed.append(f"run {run.info.run_id}")
+                continue
+            with _store_errors(self.uri):
+                self._client.delete_model_version(name, info.ref.version)
+            self._drop_run(info.run_id)
+            linked.add(info.run_id)
+            removed.append(f"version {info.ref}")
+        for run_id in sorted(marked - linked):
+            self._drop_run(run_id)
+            removed.append(f"run {run_id}")
         return removed
+
+    def run_tags(self, info: VersionInfo) -> dict[str, str]:
+        """The tags of the version's run (none if the run is not there)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _store_errors(self.uri, passthrough=(MlflowException,)):
+                run = self._client.get_run(info.run_id)
+        except MlflowException:
+            return {}
+        return {str(k): str(v) for k, v in run.data.tags.items()}
 
     def _version_infos(self, name: str) -> list[VersionInfo]:
         with _store_errors(self.uri):
             found = self._client.search_model_versions(f"name = '{name}'")
         return [VersionInfo(VersionRef(name, str(v.version)), str(v.run_id), str(v.source),
                             dict(v.tags)) for v in found]
-
-    def _receive_run(self, run_id: str, mark: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            with _store_errors(self.uri, passthrough=(MlflowException,)):
-                run = self._client.get_run(run_id)
-        except MlflowException:
-            return False  # not ours to judge: kept
-        return bool(run.data.tags.get(RECEIVE_TAG) == mark)
 
     def _drop_run(self, run_id: str) -> None:
         """Delete a run and, for a local artifact store, its artifacts (delete_run alone
@@ -376,6 +411,9 @@ class ModelStore:
                     tags=dict(tags))
                 version = str(mv.version)
             info = self.get(VersionRef(name, version))
+            pause = os.environ.get(SLEEP_BEFORE_RECORD_ENV)
+            if pause:
+                time.sleep(float(pause))
             if on_registered is not None:
                 on_registered(info)
         except BaseException:
@@ -430,7 +468,6 @@ class ModelStore:
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
         import math
-        import time
 
         from mlflow.entities import Metric
 

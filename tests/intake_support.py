@@ -29,6 +29,17 @@ def registered_torch_onnx(home: Path, root: Path, name: str = "pmsi-coder",
     """Register the model in ``home`` (which must have a site identity); ``pad_mib`` adds
     an unused float initializer of that many MiB (a longer export and encryption, for
     kill tests). Returns ``NAME/VERSION``."""
+    vendor, data = torch_onnx_files(root, pad_mib)
+    info = steps.register_model(ModelStore(home), vendor / "model.onnx", name,
+                                "PMSI coding", "GDPR 6(1)(e)", data,
+                                manifest=vendor / "manifest.json")
+    return str(info.ref)
+
+
+def torch_onnx_files(root: Path, pad_mib: int = 0) -> tuple[Path, Path]:
+    """The vendor's files (``vendor/model.onnx``, ``manifest.json``, vocabulary, labels)
+    and the training corpus under ``root``: ``(vendor folder, corpus folder)``, for
+    ``model register VENDOR/model.onnx --manifest VENDOR/manifest.json --data CORPUS``."""
     root.mkdir(parents=True, exist_ok=True)
     data = root / "corpus"
     steps.generate_corpus("X", 200, 5, 0, data)
@@ -55,7 +66,4 @@ def registered_torch_onnx(home: Path, root: Path, name: str = "pmsi-coder",
         padding = np.random.default_rng(0).normal(size=pad_mib << 18).astype(np.float32)
         proto.graph.initializer.append(numpy_helper.from_array(padding, "unused.padding"))
     onnx.save(proto, str(vendor / "model.onnx"))
-    info = steps.register_model(ModelStore(home), vendor / "model.onnx", name,
-                                "PMSI coding", "GDPR 6(1)(e)", data,
-                                manifest=vendor / "manifest.json")
-    return str(info.ref)
+    return vendor, data

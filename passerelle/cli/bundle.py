@@ -17,6 +17,7 @@ from passerelle.cli._common import (
     writable,
 )
 from passerelle.errors import BadInput
+from passerelle.leftovers import check_recorded
 from registry.store import ModelStore, VersionRef
 from transfer.exchange import create_bundle, describe, receive_bundle, verify_bundle
 
@@ -57,9 +58,10 @@ def create(args: argparse.Namespace) -> int:
     ref = VersionRef.parse(args.ref)
     check_out_file(args.out, args.force)
     home = home_of(args, writes=True)
+    store = ModelStore(home)
+    check_recorded(store, ref)  # a killed register's unrecorded version: before any work
     with parents_of(args.out):  # the library writes beside --out and renames it at the end
-        result = create_bundle(home, ModelStore(home), ref, args.to, args.out,
-                               overwrite=args.force)
+        result = create_bundle(home, store, ref, args.to, args.out, overwrite=args.force)
     t = result.statement.transfer
     doc = {"out": str(args.out), "bundle_digest": result.digest, "size": result.size,
            "model": t.model, "version": t.version, "sequence": t.sequence,
