@@ -188,9 +188,10 @@ def clean_killed(store: ModelStore, name: str, act: LocalAct,
 
 
 def check_recorded(store: ModelStore, ref: VersionRef) -> None:
-    """Refuse (:class:`UnrecordedVersion`, exit 2) a version a killed ``model register``
-    or ``finetune`` of this site left without its ledger record. Nothing to check in a
-    home without a ledger."""
+    """Refuse (:class:`UnrecordedVersion`, exit 2) a version made by ``model register``
+    or ``finetune`` (its run is tagged so) that the site's ledger does not record: a
+    killed one's leftover. The tag's fingerprint is not compared, so a leftover from
+    before a key rotation is refused too. Nothing to check in a home without a ledger."""
     home = store.home
     if not has_ledger(home):
         return
@@ -199,9 +200,11 @@ def check_recorded(store: ModelStore, ref: VersionRef) -> None:
     except ModelNotFound:
         return  # the command says so itself, after its own checks of its input
     tags = store.run_tags(info)
-    mark = run_mark(site_fingerprint(home), ref.name)
     for act in (REGISTER, FINETUNE):
-        if tags.get(act.run_tag) == mark and act.key(info) not in act.recorded(home):
+        # Whichever identity tagged it (this site's before a rotation, or another site
+        # sharing the registry): a version this ledger does not record is not shipped.
+        if tags.get(act.run_tag, "").rpartition(" ")[2] == ref.name and \
+                act.key(info) not in act.recorded(home):
             raise UnrecordedVersion(
                 f"{ref} was left by a killed `passerelle {act.command}`: the site's ledger "
                 f"has no {act.kind.value} record of it; the next `passerelle "
