@@ -159,6 +159,20 @@ def site_fingerprint(home: Path) -> str:
     return str(public_identity(home).fingerprint) if has_ledger(home) else ""
 
 
+def site_fingerprints(home: Path) -> list[str]:
+    """This site's fingerprint and those of its keys retired by ``site rotate``
+    (``identity/retired/<hex>``): every mark its registrations may carry."""
+    from transfer.identity import identity_dir
+
+    current = site_fingerprint(home)
+    if not current:
+        return [""]
+    retired = identity_dir(home) / "retired"
+    older = sorted(f"sha256:{d.name}" for d in retired.iterdir()
+                   if d.is_dir() and not d.is_symlink()) if retired.is_dir() else []
+    return [current, *(f for f in older if f != current)]
+
+
 def clean_killed(store: ModelStore, name: str, act: LocalAct,
                  notice: Callable[[str], None] | None = None) -> list[str]:
     """Remove what killed ``act`` runs of this site left in ``name``: versions without
@@ -168,7 +182,7 @@ def clean_killed(store: ModelStore, name: str, act: LocalAct,
     home = store.home
     if not home.is_dir():  # nothing was ever done here
         return []
-    mark = run_mark(site_fingerprint(home), name)
+    marks = [run_mark(fingerprint, name) for fingerprint in site_fingerprints(home)]
     done: list[set[tuple[str, str, str]]] = []
 
     def keep(info: VersionInfo) -> bool:
@@ -178,8 +192,9 @@ def clean_killed(store: ModelStore, name: str, act: LocalAct,
             done.append(act.recorded(home))
         return act.key(info) in done[0]
 
-    with home_lock(home):
-        removed = store.clean_unrecorded(name, act.run_tag, mark, keep)
+    with home_lock(home):  # also what was left before a key rotation
+        removed = [what for mark in marks
+                   for what in store.clean_unrecorded(name, act.run_tag, mark, keep)]
     say = notice or (lambda line: print(line, file=sys.stderr))
     for what in removed:
         say(f"removed {what}, left by a killed `passerelle {act.command}` of {name} "

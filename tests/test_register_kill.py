@@ -155,6 +155,12 @@ def test_register_killed_before_its_record_is_refused_then_removed(
         assert "killed `passerelle model register`" in err, err
     assert not (tmp_path / "export").exists() and not (tmp_path / "audit").exists()
     assert not (tmp_path / "b.bundle").exists()
+    # A key rotation changes the fingerprint in the run's tag, not the refusal.
+    code, err = _run(["site", "rotate", "--home", str(home)], capsys)
+    assert code == 0, err
+    code, err = _run([*refused[0], "--home", str(home)], capsys)
+    assert code == 2 and "killed `passerelle model register`" in err, err
+    assert not (tmp_path / "export").exists()
 
     code, err = _run(_register_args(home, vendor), capsys)
     assert code == 0, err
