@@ -15,7 +15,9 @@ directory v2), and audited three times, each time with other reference models:
   (what an ONNX-only model without a recipe gets).
 
 Each row: train / held-out / reserve top-1, LiRA online and offline, RMIA and the loss
-attack (AUC, TPR at 1 % FPR, epsilon lower bound; patient level), the verdict, seconds.
+attack (AUC, TPR at 1 % FPR, epsilon lower bound; patient level), the reference models'
+fit shift (members / non-members, in their spread; the policy's max_reference_shift),
+the verdict, seconds.
 
 Usage: python scripts/audit_vendor.py [--stays 2000] [--reference-models 4]
        [--recipe tests.vendor_recipes:keras_conv1d_wide] [--skip onnx-reinit]
@@ -139,6 +141,8 @@ def main() -> int:
             "train_top1": r.split.train_top1, "heldout_top1": r.split.heldout_top1,
             "reserve_top1": r.split.reserve_top1, "target_steps": r.target_steps,
             "members": r.members, "nonmembers": r.nonmembers,
+            "fit_shift": {"members": r.fit_shift.members,
+                          "nonmembers": r.fit_shift.nonmembers},
             "audit_s": round(time.perf_counter() - t0, 1)}
         for name, m in r.attacks.items():
             row[name] = {"auc": m.auc, "tpr_at_1%": m.tpr_at_fpr[0.01],
@@ -160,7 +164,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace,
                   f"{args.reference_models} reference models, patient level")
     for col in ("reference models", "train", "held-out", "reserve", "LiRA on AUC",
                 "on TPR@1%", "on ε", "LiRA off AUC", "off ε", "RMIA AUC", "RMIA ε",
-                "loss AUC", "verdict", "s"):
+                "loss AUC", "fit shift m / n", "verdict", "s"):
         table.add_column(col)
     for r in rows:
         on, off, rmia = r["lira-online"], r["lira-offline"], r["rmia-offline"]
@@ -169,6 +173,7 @@ def _table(rows: list[dict[str, Any]], args: argparse.Namespace,
                       f"{on['auc']:.3f}", f"{on['tpr_at_1%']:.3f}", f"{on['epsilon_lower']:.2f}",
                       f"{off['auc']:.3f}", f"{off['epsilon_lower']:.2f}", f"{rmia['auc']:.3f}",
                       f"{rmia['epsilon_lower']:.2f}", f"{r['loss-threshold']['auc']:.3f}",
+                      f"{r['fit_shift']['members']:+.2f} / {r['fit_shift']['nonmembers']:+.2f}",
                       r["verdict"], f"{r['audit_s']:.0f}")
     Console(width=200).print(table)
 

@@ -109,6 +109,7 @@ def test_without_a_recipe_the_built_in_coder_is_recorded(
     out = capsys.readouterr().out
     assert code in (0, 1)
     assert "recipe passerelle-coder (builtin, sha256:" in " ".join(out.split())
+    assert "reference models' fit: the target's members " in " ".join(out.split())
     record = _audit_records(site.home)[-1]
     assert record["recipe_kind"] == "builtin"
     assert record["recipe_digest"] == sha256_file(ROOT / "registry" / "coder.py")

@@ -37,6 +37,7 @@ from registry.coder import Architecture, CoderConfig
 from registry.export import Override
 from registry.store import ModelStore, PrivacyUnit, VersionRef
 from registry.vocabulary import ALL_SECTIONS, CLINICAL_SECTIONS, VocabularyConfig
+from transfer.i18n import down, up
 
 
 def add_to(sub: Subparsers) -> None:
@@ -181,8 +182,9 @@ def _add_audit(group: Subparsers) -> None:
         group, "audit", audit, "memorisation audit of a version before export",
         "Audit the ONNX form of a version (converted and logged first if needed):\n"
         "membership inference (loss threshold, LiRA online/offline, RMIA offline) with\n"
-        "reference models trained by the model's own recipe, canary exposure, and a scan of\n"
-        "everything shipped beside the weights for identifiers. The verdict (PASS/FAIL)\n"
+        "reference models trained by the model's own recipe (they must fit like the target:\n"
+        "policy max_reference_shift), canary exposure, and a scan of everything shipped\n"
+        "beside the weights for identifiers. The verdict (PASS/FAIL)\n"
         "under the policy, the metrics, the ROC plot and the policy digest are logged on\n"
         "the version. Exit 0 on PASS, 1 on FAIL.\n"
         "--members is the training corpus (TRAIN_DIR of `data seal`); --nonmembers is the\n"
@@ -347,17 +349,25 @@ def audit(args: argparse.Namespace) -> int:
         for col in ("attack", "AUC", "TPR@0.1%FPR", "TPR@1%FPR", "ε lower bound (95%)",
                     "ε max detectable"):
             table.add_column(col)
+        # what could favour the model is rounded against it (up), the reach down
         for name, m in result.attacks.items():
-            table.add_row(name, f"{m.auc:.3f}", f"{m.tpr_at_fpr[0.001]:.3f}",
-                          f"{m.tpr_at_fpr[0.01]:.3f}", f"{m.epsilon.epsilon_lower:.3f}",
-                          f"{m.epsilon.epsilon_max_detectable:.3f}")
+            table.add_row(name, up(m.auc), up(m.tpr_at_fpr[0.001]), up(m.tpr_at_fpr[0.01]),
+                          up(m.epsilon.epsilon_lower), down(m.epsilon.epsilon_max_detectable))
         console.print(table)
         for e in result.canaries:
-            console.print(f"canary {e.canary_id}: exposure {e.exposure_bits:.2f} bits "
-                          f"(max {e.max_bits:.2f}, rank {e.rank:g} of {e.candidates + 1})")
+            console.print(f"canary {e.canary_id}: exposure {up(e.exposure_bits, 2)} bits "
+                          f"(max {down(e.max_bits, 2)}, rank {e.rank:g} of "
+                          f"{e.candidates + 1})")
         r = result.recipe
         console.print(f"reference models: {result.reference_models}, recipe {r.name} "
                       f"({r.kind.value}, {r.digest})")
+        f = result.fit_shift
+        def signed(v: float) -> str:  # its size rounded away from 0
+            return ("+" if v >= 0 else "-") + up(abs(v), 2)
+
+        console.print(f"reference models' fit: the target's members {signed(f.members)}, "
+                      f"its non-members {signed(f.nonmembers)} of the models' spread from "
+                      f"them (limit ±{policy.attacks.max_reference_shift:g})")
         console.print(f"scan: {result.scan.counts() or 'no findings'}")
         for c in result.failed:
             console.print(f"FAILED {c.name}: {c.measured:.4g} > {c.limit:.4g}")
