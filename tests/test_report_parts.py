@@ -135,3 +135,26 @@ def test_the_dossier_names_the_recipe_the_audit_recorded_in_both_languages() -> 
     assert reinit.startswith("copies réinitialisées de l'ONNX livré")
     # an audit from before recipes were recorded keeps the generic wording
     assert recipe_text({}, "en", "patient").startswith("the model's own training recipe")
+
+
+def test_the_reference_models_fit_is_shown_signed_rounded_away_from_0_and_red_when_failed(
+) -> None:
+    from transfer.evidence_html import _fit_shift
+    from transfer.i18n import numbers_in
+
+    def doc(members: float, passed: bool) -> dict[str, object]:
+        return {"reference_fit_shift": {"members": members, "nonmembers": 0.0211},
+                "criteria": [{"name": "recipe.members_fit_shift", "measured": abs(members),
+                              "limit": 2.0, "passed": passed},
+                             {"name": "recipe.nonmembers_fit_shift", "measured": 0.0211,
+                              "limit": 2.0, "passed": True}]}
+
+    [(label, value)] = _fit_shift(doc(-0.0812, True), "en")
+    assert label == "reference models' fit" and value.startswith("<span class='good'>")
+    assert "members score −0.09 standard deviations" in value and "+0.03 from" in value
+    assert "(limit ±2;" in value
+    with numbers_in("fr"):
+        [(label, value)] = _fit_shift(doc(5.341, False), "fr")
+    assert label == "ajustement des modèles de référence"
+    assert value.startswith("<span class='bad'>") and "+5,35 écarts-types" in value
+    assert _fit_shift({}, "en") == []  # a report from before the check: nothing shown
