@@ -73,6 +73,7 @@ from passerelle.digests import sha256_file
 from passerelle.errors import BadInput, PasserelleError
 from passerelle.leftovers import (
     FINETUNE,
+    check_recorded,
     clean_killed,
     home_lock,
     locked_workspace,
@@ -148,6 +149,7 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
     check_store(home, own_charges(home))  # a store that disagrees: refused before any work
     key = site_key(home)
     info = store.get(ref)
+    check_recorded(store, ref)  # a version a killed receive/finetune left: not a source
     clean_killed(store, ref.name, FINETUNE)  # what a killed finetune into this name left
     with locked_workspace(home, home, WORK_PREFIX) as work:  # a killed run's: removed
         src = store.download(info, "onnx", work / "src")
@@ -205,7 +207,8 @@ def finetune_version(store: ModelStore, ref: VersionRef, data: Path,
             with home_lock(home):  # until recorded: no cleaner takes it
                 version = store.register_received(out, ref.name, tags, on_registered,
                                                   metrics=finetune_metrics(result),
-                                                  receiver=site_fingerprint(home))
+                                                  receiver=site_fingerprint(home),
+                                                  derived_by=FINETUNE.run_tag)
         except KeyboardInterrupt:
             _record_end(rec, base, "interrupted", "interrupted (Ctrl-C)")
             raise

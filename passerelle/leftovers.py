@@ -6,7 +6,8 @@ and before the act's ledger record leaves a run, maybe a version, that the ledge
 recorded. The next registration into the same name removes them first
 (:func:`clean_killed`, under :func:`home_lock`, which every registration holds until
 its record is written); until then ``model audit``, ``model export`` and
-``bundle create`` refuse such a version (:func:`check_recorded`).
+``bundle create`` refuse such a version, and ``finetune`` too, also one a killed
+``bundle receive`` left (:func:`check_recorded`).
 
 Work folders: ``model register`` stages the intake in ``HOME/.intake/register-*`` and
 ``finetune`` trains in ``HOME/.passerelle-finetune-*``; a SIGKILL leaves such a folder
@@ -34,6 +35,7 @@ from pathlib import Path
 from passerelle.errors import BadInput, ModelNotFound
 from registry.store import (
     FINETUNE_TAG,
+    RECEIVE_TAG,
     REGISTER_TAG,
     TAG,
     ModelStore,
@@ -160,17 +162,11 @@ def site_fingerprint(home: Path) -> str:
 
 
 def site_fingerprints(home: Path) -> list[str]:
-    """This site's fingerprint and those of its keys retired by ``site rotate``
-    (``identity/retired/<hex>``): every mark its registrations may carry."""
-    from transfer.identity import identity_dir
+    """This site's fingerprint and those of its keys retired by ``site rotate``: every
+    mark its registrations may carry ([""] without an identity)."""
+    from transfer.identity import site_fingerprints as fingerprints
 
-    current = site_fingerprint(home)
-    if not current:
-        return [""]
-    retired = identity_dir(home) / "retired"
-    older = sorted(f"sha256:{d.name}" for d in retired.iterdir()
-                   if d.is_dir() and not d.is_symlink()) if retired.is_dir() else []
-    return [current, *(f for f in older if f != current)]
+    return fingerprints(home) if site_fingerprint(home) else [""]
 
 
 def clean_killed(store: ModelStore, name: str, act: LocalAct,
@@ -215,6 +211,11 @@ def check_recorded(store: ModelStore, ref: VersionRef) -> None:
     except ModelNotFound:
         return  # the command says so itself, after its own checks of its input
     tags = store.run_tags(info)
+    if tags.get(RECEIVE_TAG, "").rpartition(" ")[2] == ref.name and \
+            not _receive_recorded(home, info):
+        raise UnrecordedVersion(
+            f"{ref} was left by a killed `passerelle bundle receive`: the site's ledger has "
+            f"no bundle_received record of it; receiving that bundle again removes it")
     for act in (REGISTER, FINETUNE):
         # Whichever identity tagged it (this site's before a rotation, or another site
         # sharing the registry): a version this ledger does not record is not shipped.
@@ -224,3 +225,15 @@ def check_recorded(store: ModelStore, ref: VersionRef) -> None:
                 f"{ref} was left by a killed `passerelle {act.command}`: the site's ledger "
                 f"has no {act.kind.value} record of it; the next `passerelle "
                 f"{act.command}` into {ref.name} removes it")
+
+
+def _receive_recorded(home: Path, info: VersionInfo) -> bool:
+    """Whether the ledger holds the ``bundle_received`` record of this received version."""
+    from transfer.ledger_site import open_ledger
+
+    digest = info.tags.get(TAG + "bundle_digest")
+    with open_ledger(home) as ledger:
+        return any(r.fields.get("bundle_file") == digest
+                   and r.fields.get("local_model") == info.ref.name
+                   and r.fields.get("local_version") == info.ref.version
+                   for r in ledger.records(kind=RecordKind.BUNDLE_RECEIVED))

@@ -233,7 +233,7 @@ class ModelStore:
                           run_name: str | None = None,
                           metrics: Mapping[str, float] | None = None, *,
                           sender: str | None = None, source_model: str | None = None,
-                          receiver: str = "") -> VersionInfo:
+                          receiver: str = "", derived_by: str | None = None) -> VersionInfo:
         """Register a model received from ``sender``: a new run logging ``model_dir``
         under ``onnx/`` and a new version of ``name`` carrying ``tags`` (its lineage) and
         ``metrics`` on its run, named after what happened
@@ -245,8 +245,9 @@ class ModelStore:
         fingerprint, as a registry may be shared) so that a killed receive's leftovers
         can be found (:meth:`clean_received`). Undone entirely on any failure, as :meth:`register`.
         Without ``sender`` (a model derived here from a received one, e.g. fine-tuned),
-        a new version of ``name`` with ``tags``, its run tagged :data:`FINETUNE_TAG`
-        (``receiver``: this site's fingerprint).
+        a new version of ``name`` with ``tags``, its run tagged ``derived_by`` (the act's
+        tag, :data:`FINETUNE_TAG` for ``finetune``; ``receiver``: this site's fingerprint)
+        when given.
         """
         from registry.tracking import run_name as name_of
 
@@ -254,7 +255,8 @@ class ModelStore:
         if sender is None or source_model is None:
             return self._new_version(name, title, model_dir, "onnx", dict(tags), {},
                                      on_registered, metrics,
-                                     run_tags={FINETUNE_TAG: run_mark(receiver, name)},
+                                     run_tags={derived_by: run_mark(receiver, name)}
+                                     if derived_by else None,
                                      model_tags={}, name_pattern=_RECEIVED_NAME)
         self.check_received_name(name, sender, source_model)
         return self._new_version(

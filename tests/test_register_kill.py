@@ -288,3 +288,57 @@ def test_stale_folders_are_removed_and_a_live_or_foreign_one_kept(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"{prefix}live", "not-a-lock", "register-other"]
     assert target.read_text() == "kept"
+
+
+def test_receive_killed_before_its_record_is_no_source_and_is_removed_after_a_rotation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A receive killed once its version exists, before its bundle_received record: the
+    version is no fine-tuning source (nor shipped on); the site rotates its keys; the
+    next receive of the bundle still finds it (the retired fingerprint's mark), removes
+    it and registers the bundle anew, and the ledger verifies."""
+    from datetime import UTC, datetime
+
+    from registry.store import SLEEP_BEFORE_RECORD_ENV
+    from tests.transfer_support import Site, forge, ship_dir, trust
+    from transfer.identity import load_site
+
+    x, y = make_site(tmp_path, "X"), make_site(tmp_path, "Y")
+    trust(x, y)
+    trust(y, x)
+    bundle = forge(tmp_path / "b.bundle", x, [y], ship_dir(tmp_path), now=datetime.now(UTC))
+    _killed(["bundle", "receive", str(bundle), "--home", str(y.home)],
+            SLEEP_BEFORE_RECORD_ENV, lambda: _versions_in_db(y.home) > 0)
+    store = ModelStore(y.home)
+    [name] = [m.name for m in store.client.search_registered_models()]
+    assert store.versions(name) == ["1"]
+    with open_ledger(y.home) as ledger:
+        assert ledger.records(kind=RecordKind.BUNDLE_RECEIVED) == []
+
+    data = tmp_path / "corpus-y"
+    from passerelle import steps
+
+    steps.generate_corpus("Y", 60, 12, 0, data)
+    for argv in (["finetune", f"{name}/1", "--data", str(data), "--epsilon", "2", "--delta",
+                  "1e-5", "--epochs", "1", "--home", str(y.home)],
+                 ["bundle", "create", f"{name}/1", "--to", "X", "--out",
+                  str(tmp_path / "on.bundle"), "--home", str(y.home)]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and "killed `passerelle bundle receive`" in err, (argv, err)
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    with open_ledger(y.home) as ledger:  # refused before any charge
+        assert ledger.records(kind=RecordKind.FINETUNE_STARTED) == []
+
+    code, err = _run(["site", "rotate", "--home", str(y.home)], capsys)
+    assert code == 0, err
+    y = Site(y.home, load_site(y.home))  # X pins Y's new key and sends the next version
+    trust(x, y)
+    again = forge(tmp_path / "b2.bundle", x, [y], ship_dir(tmp_path, name="ship2"),
+                  now=datetime.now(UTC), version="2", sequence=2)
+    code, err = _run(["bundle", "receive", str(again), "--home", str(y.home)], capsys)
+    assert code == 0, err
+    assert store.versions(name) == ["2"]  # the leftover went, the new bundle came
+    with open_ledger(y.home) as ledger:
+        [record] = ledger.records(kind=RecordKind.BUNDLE_RECEIVED)
+    assert record.fields["local_version"] == "2"
+    code, err = _run(["records", "verify", "--home", str(y.home)], capsys)
+    assert code == 0, err

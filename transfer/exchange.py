@@ -45,7 +45,14 @@ from transfer.bundle import (
     sending_area,
 )
 from transfer.errors import DigestMismatch, Rollback
-from transfer.identity import PublicIdentity, SiteIdentity, load_site, public_identity, verify
+from transfer.identity import (
+    PublicIdentity,
+    SiteIdentity,
+    load_site,
+    public_identity,
+    site_fingerprints,
+    verify,
+)
 from transfer.ledger import Ledger, ledger_url
 from transfer.records import RecordKind, Subject, bundle_arrived_fields, bundle_created_fields
 from transfer.statement import Header, TransferStatement
@@ -262,8 +269,9 @@ def receive_bundle(path: Path, home: Path, store: ModelStore, now: datetime | No
                 t = vb.statement.transfer
                 name = received_name(t.sender.site, t.model)
                 store.check_received_name(name, t.sender.site, t.model)
-                store.clean_received(name, lambda info: _recorded(home, me, info),
-                                     me.fingerprint)
+                for fingerprint in site_fingerprints(home):  # also from before a rotation
+                    store.clean_received(name, lambda info: _recorded(home, me, info),
+                                         fingerprint)
                 dest = (home / RECEIVED_DIR / t.sender.site / t.model /
                         f"{t.version}-{t.sequence}")
                 done = _registered(home, me, store, name, vb.bundle_digest)

@@ -341,6 +341,16 @@ def public_identity(home: Path) -> PublicIdentity:
     return PublicIdentity.from_file(path)
 
 
+def site_fingerprints(home: Path) -> list[str]:
+    """This site's fingerprint, then those of the keys ``site rotate`` retired
+    (``identity/retired/<hex>``): every fingerprint its own acts may carry."""
+    current = str(public_identity(home).fingerprint)
+    retired = identity_dir(home) / "retired"
+    older = sorted(f"sha256:{d.name}" for d in retired.iterdir()
+                   if d.is_dir() and not d.is_symlink()) if retired.is_dir() else []
+    return [current, *(f for f in older if f != current)]
+
+
 def init_site(home: Path, name: str, passphrase: str | None = None,
               now: datetime | None = None) -> PublicIdentity:
     """Create this site's keys and signed public identity under ``home``."""
