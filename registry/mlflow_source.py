@@ -409,14 +409,55 @@ def _relative(value: object, where: str) -> str:
 
 # -- downloads ----------------------------------------------------------------------------
 
+# What a vendor's MLflow may make us download for one model, in all (MLmodel and the
+# flavor's files): checked on the sizes MLflow lists before each download, and on the
+# bytes on disk after it (a server may list less than it serves).
+MAX_DOWNLOAD_BYTES = 4 << 30
+
+
 class _Fetcher:
-    """Downloads files of one model's artifacts into ``dst``, keeping their relative paths."""
+    """Downloads files of one model's artifacts into ``dst``, keeping their relative paths,
+    at most :data:`MAX_DOWNLOAD_BYTES` in all."""
 
     def __init__(self, root: str, tracking: str, dst: Path, where: str) -> None:
         self.root = root.rstrip("/")
         self.tracking = tracking
         self.dst = dst
         self.where = where
+
+    def _listed_bytes(self, rel: str) -> int:
+        """The size MLflow lists for ``rel``, a file or a folder (summed, recursively)."""
+        import mlflow.artifacts
+
+        parent, name = posixpath.dirname(rel), posixpath.basename(rel)
+        infos = mlflow.artifacts.list_artifacts(
+            artifact_uri=self._uri(parent) if parent else self.root,
+            tracking_uri=self.tracking) or []
+        for info in infos:
+            if posixpath.basename(str(info.path)) == name:
+                return self._folder_bytes(rel) if info.is_dir else int(info.file_size or 0)
+        return 0  # not listed: the download says it is missing
+
+    def _folder_bytes(self, rel: str) -> int:
+        import mlflow.artifacts
+
+        total = 0
+        for info in mlflow.artifacts.list_artifacts(artifact_uri=self._uri(rel),
+                                                    tracking_uri=self.tracking) or []:
+            child = posixpath.join(rel, posixpath.basename(str(info.path)))
+            total += self._folder_bytes(child) if info.is_dir else int(info.file_size or 0)
+        return total
+
+    def _on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.dst.rglob("*")
+                   if p.is_file() and not p.is_symlink())
+
+    def _check_size(self, more: int, rel: str) -> None:
+        total = self._on_disk() + more
+        if total > MAX_DOWNLOAD_BYTES:
+            raise BadInput(f"{self.where}: the model's files would take {total} bytes "
+                           f"(with {rel}), more than the {MAX_DOWNLOAD_BYTES} bytes Passerelle "
+                           "downloads for one model")
 
     def _uri(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -426,6 +467,7 @@ class _Fetcher:
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
+        self._check_size(self._listed_bytes(rel), rel)  # before: what MLflow lists
         parent = self.dst / posixpath.dirname(rel)
         parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -439,6 +481,7 @@ class _Fetcher:
         target = self.dst / rel
         if not target.exists() or local.resolve() != target.resolve():
             raise BadInput(f"{self.where}: artifact {rel} is missing")
+        self._check_size(0, rel)  # after: what came (a server may list less)
         return target
 
     def listing(self, rel: str) -> dict[str, bool]:

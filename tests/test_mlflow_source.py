@@ -418,6 +418,30 @@ def test_a_store_that_is_not_there_is_refused_not_created(tmp_path: Path) -> Non
     assert not db.exists() and not (tmp_path / "src").exists()
 
 
+def test_a_model_larger_than_the_download_cap_is_refused_and_nothing_is_left(
+    vendor: Vendor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cap is checked on the sizes MLflow lists before a download (a SavedModel
+    folder summed over its files) and on the bytes on disk after it."""
+    import registry.mlflow_source as source
+
+    size = sum((tmp_path / "whole").joinpath(f).stat().st_size for f in files_under(
+        resolve(vendor, "models:/vendor-keras/1", tmp_path / "whole").path.parent.parent))
+    monkeypatch.setattr(source, "MAX_DOWNLOAD_BYTES", size - 1)
+    dst = tmp_path / "src"
+    with pytest.raises(BadInput, match=r"would take \d+ bytes \(with data/model\), more than"):
+        resolve(vendor, "models:/vendor-keras/1", dst)
+    assert not dst.exists()
+    monkeypatch.setattr(source, "MAX_DOWNLOAD_BYTES", size)
+    assert resolve(vendor, "models:/vendor-keras/1", dst).path.is_dir()
+    # a server that lists less than it serves is caught once the bytes are on disk
+    monkeypatch.setattr(source, "MAX_DOWNLOAD_BYTES", size - 1)
+    monkeypatch.setattr(source._Fetcher, "_listed_bytes", lambda self, rel: 0)
+    with pytest.raises(BadInput, match="more than"):
+        resolve(vendor, "models:/vendor-keras/1", tmp_path / "lied")
+    assert not (tmp_path / "lied").exists()
+
+
 def test_an_existing_destination_is_refused_and_left_alone(vendor: Vendor,
                                                            tmp_path: Path) -> None:
     dst = tmp_path / "src"
