@@ -330,6 +330,9 @@ def test_receive_killed_before_its_record_is_no_source_and_is_removed_after_a_ro
 
     code, err = _run(["site", "rotate", "--home", str(y.home)], capsys)
     assert code == 0, err
+    code, err = _run(["bundle", "receive", str(bundle), "--home", str(y.home)], capsys)
+    assert code != 0 and "sealed for Y's key sha256:" in err, err  # for the retired key
+    assert "the sender seals it again for the current key" in err
     y = Site(y.home, load_site(y.home))  # X pins Y's new key and sends the next version
     trust(x, y)
     again = forge(tmp_path / "b2.bundle", x, [y], ship_dir(tmp_path, name="ship2"),

@@ -838,6 +838,12 @@ def check_envelope(path: Path, trust: TrustStore, me: PublicIdentity | None,
     verify(sender.public_key, canonical_json(env.header_doc), env.signature,
            f"{path.name}: outer header", canonical=True)                # (3)
     if me is not None and not t.names(me.fingerprint):                  # (4)
+        older = [r.fingerprint for r in t.recipients if r.site == me.site]
+        if older:  # sealed for a key of ours that a rotation replaced (or another site's)
+            raise NotAddressedToUs(
+                f"{path.name} is sealed for {me.site}'s key {older[0]}, not for this site's "
+                f"current key {me.fingerprint} (a key replaced by `site rotate`?); the "
+                f"sender seals it again for the current key")
         names = ", ".join(r.site for r in t.recipients)
         raise NotAddressedToUs(f"{path.name} is addressed to {names}, not to this site "
                                f"({me.site})")
