@@ -229,11 +229,8 @@ def check_recorded(store: ModelStore, ref: VersionRef) -> None:
 
 def _receive_recorded(home: Path, info: VersionInfo) -> bool:
     """Whether the ledger holds the ``bundle_received`` record of this received version."""
+    from transfer.exchange import receive_recorded
     from transfer.ledger_site import open_ledger
 
-    digest = info.tags.get(TAG + "bundle_digest")
     with open_ledger(home) as ledger:
-        return any(r.fields.get("bundle_file") == digest
-                   and r.fields.get("local_model") == info.ref.name
-                   and r.fields.get("local_version") == info.ref.version
-                   for r in ledger.records(kind=RecordKind.BUNDLE_RECEIVED))
+        return receive_recorded(ledger.records(kind=RecordKind.BUNDLE_RECEIVED), info)

@@ -21,6 +21,17 @@ def sealed(home: Path, data: Path, out: Path, fraction: float = RESERVE_FRACTION
     return out
 
 
+# Edits of small_policy that let a small audit PASS on the membership and canary figures
+# (too noisy to judge at test sizes), for tests about something else.
+RELAXED_MEMBERSHIP = {
+    "max_auc = 0.60": "max_auc = 1.0",
+    "max_tpr_at_0_1pct_fpr = 0.02": "max_tpr_at_0_1pct_fpr = 1.0",
+    "max_tpr_at_1pct_fpr = 0.05": "max_tpr_at_1pct_fpr = 1.0",
+    "max_epsilon_lower_bound = 1.0": "max_epsilon_lower_bound = 100.0",
+    "max_exposure_bits = 10.0": "max_exposure_bits = 24.0",
+}
+
+
 def small_policy(path: Path, **replace: str) -> Path:
     """The default policy with 4 reference models (the suite's budget) and edits."""
     text = default_policy_path().read_text().replace("reference_models = 8",

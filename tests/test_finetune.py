@@ -47,8 +47,7 @@ from registry.audit.metrics import epsilon_lower_bound, roc_curve
 from registry.export import run_onnx
 from registry.store import TAG, ModelStore, PrivacyUnit, VersionRef
 from registry.vocabulary import Vocabulary
-from tests.conftest import TEST_OVERRIDE
-from transfer.identity import init_site
+from tests.transfer_support import received_home
 from transfer.ledger_site import open_ledger
 from transfer.pseudonym import site_key
 from transfer.records import RecordKind
@@ -212,26 +211,11 @@ def test_noise_has_the_analytic_standard_deviation() -> None:
 # ------------------------------------------------------------------ the command
 
 
-def _received_home(root: Path, model_dir: Path) -> tuple[Path, VersionRef]:
-    x_store = ModelStore(root / "home-x")
-    info = steps.register_model(x_store, model_dir, "pmsi-coder", "PMSI coding",
-                                "GDPR 6(1)(e)")
-    steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
-    home_y = root / "home-y"
-    home_y.mkdir()
-    init_site(home_y, "CHU-Y")
-    version = ModelStore(home_y).register_received(
-        root / "export", "pmsi-coder",
-        {TAG + "source_model": "pmsi-coder", TAG + "source_version": "1",
-         TAG + "bundle_digest": "sha256:" + "ab" * 32, TAG + "received_from": "CHU-X"})
-    return home_y, version.ref
-
-
 @pytest.fixture(scope="module")
 def received(tmp_path_factory: pytest.TempPathFactory,
              keras_model: steps.TrainReport) -> tuple[Path, VersionRef]:
     """Site Y's home with the exported coder registered as received."""
-    return _received_home(tmp_path_factory.mktemp("finetune"), keras_model.out_dir)
+    return received_home(tmp_path_factory.mktemp("finetune"), keras_model.out_dir)
 
 
 def _copy_home(home: Path, tmp_path: Path) -> Path:
@@ -334,7 +318,7 @@ def test_unknown_codes_are_refused_by_default(
     model = steps.train_model(partial, tmp_path / "model",
                               dataclasses.replace(small_config(), epochs=1))
     (tmp_path / "sites").mkdir()
-    home, ref = _received_home(tmp_path / "sites", model.out_dir)
+    home, ref = received_home(tmp_path / "sites", model.out_dir)
     argv = ["finetune", str(ref), "--data", str(corpus_y), "--epsilon", "3"]
     before = _versions(home)
     assert main([*argv, "--home", str(home)]) == 2

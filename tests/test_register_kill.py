@@ -30,7 +30,7 @@ from passerelle.leftovers import LOCK_FILE
 from passerelle.steps import SLEEP_IN_STAGING_ENV, STAGING_DIR, STAGING_PREFIX
 from registry.store import REGISTER_TAG, ModelStore, VersionRef, run_mark
 from tests.intake_support import torch_onnx_files
-from tests.transfer_support import make_site
+from tests.transfer_support import make_site, received_home
 from transfer.ledger_site import open_ledger
 from transfer.records import RecordKind
 
@@ -206,24 +206,7 @@ def received(tmp_path_factory: pytest.TempPathFactory,
              keras_model: Any) -> tuple[Path, VersionRef]:
     """Site Y's home with the reference coder exported at X registered as received (as
     tests/test_finetune.py sets it up: no bundle)."""
-    from passerelle import steps
-    from registry.store import TAG
-    from tests.conftest import TEST_OVERRIDE
-    from transfer.identity import init_site
-
-    root = tmp_path_factory.mktemp("finetune-kill")
-    x_store = ModelStore(root / "home-x")
-    info = steps.register_model(x_store, keras_model.out_dir, NAME, "PMSI coding",
-                                "GDPR 6(1)(e)")
-    steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
-    home_y = root / "home-y"
-    home_y.mkdir()
-    init_site(home_y, "CHU-Y")
-    version = ModelStore(home_y).register_received(
-        root / "export", NAME,
-        {TAG + "source_model": NAME, TAG + "source_version": "1",
-         TAG + "bundle_digest": "sha256:" + "ab" * 32, TAG + "received_from": "CHU-X"})
-    return home_y, version.ref
+    return received_home(tmp_path_factory.mktemp("finetune-kill"), keras_model.out_dir, NAME)
 
 
 def test_finetune_killed_before_its_record_is_refused_then_removed(

@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from passerelle.digests import sha256_file
+from registry.store import TAG, ModelStore, VersionRef
 from transfer.archive import pack
 from transfer.bundle import (
     encrypt,
@@ -217,3 +218,24 @@ def assert_no_plaintext(home: Path, registry_empty: bool = True) -> None:
         for name in files:
             assert name not in {"payload.tar", "model.onnx", "transfer_statement.json"} or \
                 not registry_empty, f"plaintext {root}/{name} left behind"
+
+
+def received_home(root: Path, model_dir: Path, name: str = "pmsi-coder"
+                  ) -> tuple[Path, VersionRef]:
+    """Site Y's home (``root/home-y``) with ``model_dir`` registered and exported at X
+    (``root/home-x``) and registered at Y as received from CHU-X, without a bundle: the
+    short way the fine-tuning tests set up a received model."""
+    from passerelle import steps
+    from tests.conftest import TEST_OVERRIDE
+
+    x_store = ModelStore(root / "home-x")
+    info = steps.register_model(x_store, model_dir, name, "PMSI coding", "GDPR 6(1)(e)")
+    steps.export_model(x_store, info.ref, root / "export", TEST_OVERRIDE)
+    home_y = root / "home-y"
+    home_y.mkdir()
+    init_site(home_y, "CHU-Y")
+    version = ModelStore(home_y).register_received(
+        root / "export", name,
+        {TAG + "source_model": name, TAG + "source_version": "1",
+         TAG + "bundle_digest": "sha256:" + "ab" * 32, TAG + "received_from": "CHU-X"})
+    return home_y, version.ref

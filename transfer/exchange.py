@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,7 +54,13 @@ from transfer.identity import (
     verify,
 )
 from transfer.ledger import Ledger, ledger_url
-from transfer.records import RecordKind, Subject, bundle_arrived_fields, bundle_created_fields
+from transfer.records import (
+    Record,
+    RecordKind,
+    Subject,
+    bundle_arrived_fields,
+    bundle_created_fields,
+)
 from transfer.statement import Header, TransferStatement
 from transfer.trust import TrustStore
 
@@ -309,12 +315,17 @@ def _recorded(home: Path, me: SiteIdentity, info: VersionInfo) -> bool:
     """Whether this site's ledger holds the ``bundle_received`` record of ``info``."""
     from transfer.ledger import Ledger, ledger_url
 
-    digest = info.tags.get(TAG + "bundle_digest")
     with Ledger(ledger_url(home), me.site) as ledger:
-        return any(r.fields.get("bundle_file") == digest
-                   and r.fields.get("local_model") == info.ref.name
-                   and r.fields.get("local_version") == info.ref.version
-                   for r in ledger.records(kind=RecordKind.BUNDLE_RECEIVED))
+        return receive_recorded(ledger.records(kind=RecordKind.BUNDLE_RECEIVED), info)
+
+
+def receive_recorded(records: Iterable[Record], info: VersionInfo) -> bool:
+    """Whether one of these ``bundle_received`` records is that of the version ``info``
+    (its bundle digest, local name and version)."""
+    digest = info.tags.get(TAG + "bundle_digest")
+    return any(r.fields.get("bundle_file") == digest
+               and r.fields.get("local_model") == info.ref.name
+               and r.fields.get("local_version") == info.ref.version for r in records)
 
 
 def _registered(home: Path, me: SiteIdentity, store: ModelStore, name: str,

@@ -103,11 +103,8 @@ class FitShift:
 def _pooled_stats(phi: FloatArray, mask: BoolArray) -> tuple[FloatArray, float]:
     """Per-example mean over the masked models and the pooled within-example standard
     deviation (each example's mean costs one degree of freedom)."""
-    count = mask.sum(axis=0)
-    if (count == 0).any():
-        raise ValueError("every example needs at least one reference model on this side")
-    mean = np.where(mask, phi, 0.0).sum(axis=0) / count
-    dof = int(mask.sum()) - int(count.size)
+    mean, _ = _masked_stats(phi, mask, global_variance=True)
+    dof = int(mask.sum()) - int(mask.shape[1])
     if dof < 1:
         raise ValueError("too few reference models to measure their spread")
     var = float((np.where(mask, phi - mean, 0.0) ** 2).sum() / dof)
