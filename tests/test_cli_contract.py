@@ -519,6 +519,58 @@ def test_ctrl_c_is_exit_130_one_line_and_nothing_half_done(values: Values,
     assert snapshot(ws) == before, "an interrupted command left something"
 
 
+def test_ctrl_c_while_the_modules_import_is_exit_130_every_time(values: Values) -> None:
+    """Ctrl-C in the first 0.3 s of :func:`main`, while the commands' modules import: 9 of
+    60 such presses ended by SIGINT (returncode -2, see ``_end_interrupted``) before."""
+    ws = values.ws
+    before = snapshot(ws)
+    for step in range(10):
+        outcome = _interrupted(["data", "generate", "--site", "X", "--stays", "400000",
+                                "--seed", "1", "--out", str(ws / "big" / "corpus")], ws,
+                               0.03 * step)
+        assert_one_error(outcome, 130, "error: interrupted")
+    assert snapshot(ws) == before, "an interrupted command left something"
+
+
+def _entry_with(run: str, cwd: Path) -> Outcome:
+    """``passerelle.cli.entry()`` in a new interpreter whose command is ``run`` (the body of
+    a function of ``argv``) instead of the parsed one; started with ``-m`` like the console
+    script's ``python -m passerelle.cli`` (``-c`` exits on another path)."""
+    program = ("import os, signal, time\nimport passerelle.cli as cli\n"
+               "def run(argv):\n" + "".join(f"    {line}\n" for line in run.splitlines())
+               + "cli._run = run\ncli.entry()\n")
+    (cwd / "entry_with.py").write_text(program)
+    proc = subprocess.run([sys.executable, "-m", "entry_with"], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+    return Outcome(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_a_ctrl_c_that_went_through_exec_of_a_string_is_still_exit_130(
+        tmp_path: Path) -> None:
+    """dataclasses and namedtuple build their methods with ``exec``; CPython 3.11 then takes
+    the KeyboardInterrupt for one nobody handled and ends the process by SIGINT."""
+    outcome = _entry_with("exec('os.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(30)')",
+                          tmp_path)
+    assert_one_error(outcome, 130, "error: interrupted")
+
+
+def test_a_ctrl_c_that_c_code_turned_into_another_error_is_still_interrupted(
+        tmp_path: Path) -> None:
+    """numpy's import turns a KeyboardInterrupt into ImportError ('PyCapsule_Import could
+    not import module "datetime"'): a traceback and exit 1 before."""
+    outcome = _entry_with("try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n"
+                          "except KeyboardInterrupt:\n"
+                          "    raise ImportError('PyCapsule_Import could not import module')",
+                          tmp_path)
+    assert_one_error(outcome, 130, "error: interrupted")
+
+
+def test_a_bug_without_ctrl_c_keeps_its_traceback(tmp_path: Path) -> None:
+    outcome = _entry_with("raise ImportError('a real bug')", tmp_path)
+    assert outcome.code == 1 and "Traceback" in outcome.err and "a real bug" in outcome.err
+
+
 def test_ctrl_c_during_site_init_leaves_no_home(values: Values) -> None:
     ws = values.ws
     outcome = _interrupted(["site", "init", "CHU-Z", "--home", str(ws / "new-home")], ws, 0.0)

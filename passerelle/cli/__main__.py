@@ -1,5 +1,3 @@
-import sys
+from passerelle.cli import entry
 
-from passerelle.cli import main
-
-sys.exit(main())
+entry()
